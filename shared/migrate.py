@@ -22,6 +22,7 @@ from shared.schema import KIT_DDL, kit_grants
 def alembic_config(migrations_dir: Path, url: str, app_role: str | None = None) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations_dir))
+    cfg.set_main_option("path_separator", "os")
     cfg.set_main_option("version_locations", str(migrations_dir / "versions"))
     cfg.attributes["url"] = url
     cfg.attributes["app_role"] = app_role
