@@ -20,6 +20,8 @@ class KitSettings(BaseSettings):
     # Migrations run as the owner role; the service runs as a role that cannot rewrite history.
     migration_database_url: str | None = None
     kafka_bootstrap_servers: str = Field(default="127.0.0.1:9092", validation_alias="KAFKA_BOOTSTRAP_SERVERS")
+    port: int = 8000  # the API's listening port
+    metrics_port: int | None = None  # relay/consumer processes serve /metrics here
     db_pool_size: int = 20
     relay_batch_size: int = 500
     relay_poll_interval_s: float = 1.0

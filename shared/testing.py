@@ -16,6 +16,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -35,6 +36,11 @@ class TestPlatform:
         db = await provision_database(self.admin_url, name)
         await asyncio.to_thread(migrate.upgrade, migrations_dir, db.owner_url, db.app_role)
         return db
+
+    def superuser_url(self, database: ServiceDatabase) -> str:
+        """For tests that play the server's part (terminating sessions, reading catalogs)."""
+        parts = urlsplit(self.admin_url)
+        return urlunsplit((parts.scheme, parts.netloc, "/" + database.name, parts.query, ""))
 
     def restart_broker(self) -> None:
         """Stop and start the embedded broker on the same port: it comes back empty."""

@@ -1,0 +1,111 @@
+"""One platform process: a service's API, its relay, or its consumers (`clearhouse serve`).
+
+The same entry point runs on a laptop under `clearhouse up`, in a container, and in a
+Kubernetes Deployment; only the environment differs. Every service package offers the
+same rooms: `settings.Settings`, `api.create_app()`, `consumers.build_consumers()` and
+`migrations/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+from pathlib import Path
+from types import ModuleType
+
+from shared.kafka import service_topics
+
+SERVICES = ("payments", "approvals", "ledger", "reconciliation")
+ROLES = ("api", "relay", "consumer")
+
+log = logging.getLogger(__name__)
+
+
+def service_module(service: str, room: str) -> ModuleType:
+    if service not in SERVICES:
+        raise SystemExit(f"unknown service {service!r}; one of {', '.join(SERVICES)}")
+    return importlib.import_module(f"services.{service}.{room}")
+
+
+def migrations_dir(service: str) -> Path:
+    if service == "gateway":
+        return Path(importlib.import_module("gateway").__file__).parent / "migrations"
+    return Path(service_module(service, "settings").__file__).parent / "migrations"
+
+
+def settings_for(service: str):
+    return service_module(service, "settings").Settings()
+
+
+def _install_stop(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def run_relay(service: str) -> None:
+    from shared.metrics import serve_metrics
+    from shared.relay import Relay
+    from shared.telemetry import setup_logging, setup_telemetry
+
+    settings = settings_for(service)
+    setup_logging(service, level=settings.log_level, role="relay")
+    setup_telemetry(service, role="relay")
+    if settings.metrics_port:
+        serve_metrics(settings.metrics_port)
+    stop = asyncio.Event()
+    _install_stop(stop)
+    relay = Relay(service=service, database_url=settings.database_url, bootstrap=settings.kafka_bootstrap_servers,
+                  batch_size=settings.relay_batch_size, poll_interval_s=settings.relay_poll_interval_s)
+    await relay.run(stop)
+
+
+async def run_consumers(service: str) -> None:
+    from shared.db import make_engine, make_sessionmaker
+    from shared.metrics import serve_metrics
+    from shared.telemetry import instrument_engine, setup_logging, setup_telemetry
+
+    settings = settings_for(service)
+    setup_logging(service, level=settings.log_level, role="consumer")
+    setup_telemetry(service, role="consumer")
+    if settings.metrics_port:
+        serve_metrics(settings.metrics_port)
+    engine = make_engine(settings.database_url, pool_size=5, application_name=f"{service}-consumer")
+    instrument_engine(engine)
+    consumers = service_module(service, "consumers").build_consumers(
+        settings=settings, sessionmaker=make_sessionmaker(engine)
+    )
+    stop = asyncio.Event()
+    _install_stop(stop)
+    try:
+        if consumers:
+            await asyncio.gather(*(c.run(stop) for c in consumers))
+        else:
+            await stop.wait()
+    finally:
+        await engine.dispose()
+
+
+def run_api(service: str, *, host: str, port: int) -> None:
+    import uvicorn
+
+    from shared.telemetry import uvicorn_log_config
+
+    uvicorn.run(f"services.{service}.api:create_app", factory=True, host=host, port=port,
+                log_config=uvicorn_log_config(), access_log=False, lifespan="on")
+
+
+def serve(service: str, role: str, *, host: str = "127.0.0.1", port: int | None = None) -> None:
+    if role == "api":
+        run_api(service, host=host, port=port or settings_for(service).port)
+    elif role == "relay":
+        asyncio.run(run_relay(service))
+    elif role == "consumer":
+        asyncio.run(run_consumers(service))
+    else:
+        raise SystemExit(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+
+
+__all__ = ["SERVICES", "ROLES", "serve", "migrations_dir", "settings_for", "service_topics"]
