@@ -48,7 +48,8 @@ def _install_stop(stop: asyncio.Event) -> None:
 async def run_relay(service: str) -> None:
     from shared.metrics import serve_metrics
     from shared.relay import Relay
-    from shared.telemetry import setup_logging, setup_telemetry
+    from shared.logs import setup_logging
+    from shared.telemetry import setup_telemetry
 
     settings = settings_for(service)
     setup_logging(service, level=settings.log_level, role="relay")
@@ -65,7 +66,8 @@ async def run_relay(service: str) -> None:
 async def run_consumers(service: str) -> None:
     from shared.db import make_engine, make_sessionmaker
     from shared.metrics import serve_metrics
-    from shared.telemetry import instrument_engine, setup_logging, setup_telemetry
+    from shared.logs import setup_logging
+    from shared.telemetry import instrument_engine, setup_telemetry
 
     settings = settings_for(service)
     setup_logging(service, level=settings.log_level, role="consumer")
@@ -91,7 +93,7 @@ async def run_consumers(service: str) -> None:
 def run_api(service: str, *, host: str, port: int) -> None:
     import uvicorn
 
-    from shared.telemetry import uvicorn_log_config
+    from shared.logs import uvicorn_log_config
 
     uvicorn.run(f"services.{service}.api:create_app", factory=True, host=host, port=port,
                 log_config=uvicorn_log_config(), access_log=False, lifespan="on")

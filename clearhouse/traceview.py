@@ -2,11 +2,11 @@
 waterfall, for `clearhouse trace <trace_id>` and `clearhouse trace --payment <id>`.
 
     trace 4bf92f3577b34da6a3ce929d0e0e4736 · 5 spans · gateway, payments, approvals · 84.0 ms · 1 ERROR
-    POST /v1/payments                          gateway               84.0 ms │████████████████████████│
-    └─ POST /v1/payments                       payments              57.0 ms │ █████████████████      │
-       └─ [→kafka] publish payments.events     payments/relay         4.0 ms │                 ██     │
-          └─ [kafka→] process payments.events  approvals/consumer    12.0 ms │                   ████ │
-             └─ INSERT approvals               approvals/consumer     2.0 ms │                    ▓   │  ✗ ERROR deadlock detected
+    POST /v1/payments                          gateway                  84.0 ms │████████████████│
+    └─ POST /v1/payments                       payments                 57.0 ms │███████████     │
+       └─ [→kafka] publish payments.events     payments/relay            4.0 ms │           █    │
+          └─ [kafka→] process payments.events  approvals/consumer       12.0 ms │            ███ │
+             └─ INSERT approvals               approvals/consumer        2.0 ms │             ▓  │  ✗ ERROR deadlock detected
 
 Producer and consumer spans (the Kafka hops) are marked `[→kafka]` and `[kafka→]`; a
 span with error status ends with `✗ ERROR` and its message.
@@ -234,7 +234,8 @@ def _render_trace(spans: list[Span], bar_width: int) -> str:
 def _header(spans: list[Span], total_ns: int) -> str:
     services = list(dict.fromkeys(_short_service(s.service) for s in sorted(spans, key=lambda s: s.start_ns)))
     errors = sum(1 for s in spans if s.is_error)
-    parts = [f"trace {spans[0].trace_id}", f"{len(spans)} spans", ", ".join(services), f"{total_ns / 1e6:.1f} ms"]
+    count = f"{len(spans)} span" + ("" if len(spans) == 1 else "s")
+    parts = [f"trace {spans[0].trace_id}", count, ", ".join(services), f"{total_ns / 1e6:.1f} ms"]
     if errors:
         parts.append(f"{errors} ERROR")
     return " · ".join(parts)

@@ -28,6 +28,12 @@ def current() -> RequestContext:
     return _current.get()
 
 
+def start(**fields) -> contextvars.Token:
+    """Begin a fresh context for a new request or message: nothing carries over from
+    whatever ran before in this task. Returns a token for `reset`."""
+    return _current.set(RequestContext(**fields))
+
+
 def bind(**changes) -> contextvars.Token:
     """Replace fields of the current context; returns a token for `reset`."""
     return _current.set(replace(_current.get(), **changes))

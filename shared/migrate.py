@@ -53,6 +53,8 @@ def create_kit_tables() -> None:
     if role:
         for statement in kit_grants(role):
             op.execute(statement)
+        # /readyz, running as the service role, compares the applied revision with the code's head.
+        op.execute(f'GRANT SELECT ON alembic_version TO "{role}"')
 
 
 def run_env() -> None:

@@ -34,6 +34,8 @@ KIT_DDL = [
     "CREATE INDEX events_unpublished ON events (seq) WHERE published_at IS NULL",
     "CREATE INDEX events_by_aggregate ON events (aggregate_type, aggregate_id, seq)",
     "CREATE INDEX events_by_correlation ON events (correlation_id) WHERE correlation_id IS NOT NULL",
+    # The payment timeline reads every service's events about one payment.
+    "CREATE INDEX events_by_payment ON events ((payload->>'payment_id')) WHERE payload ? 'payment_id'",
     """
     CREATE FUNCTION events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
@@ -97,7 +99,9 @@ KIT_DDL = [
         response_headers jsonb,
         created_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
         locked_until     timestamptz,
-        PRIMARY KEY (tenant_id, principal, method, path, key)
+        lock_token       uuid,  -- who holds an in-flight key; only the holder may complete it
+        PRIMARY KEY (tenant_id, principal, method, path, key),
+        CHECK (status = 'in_flight' OR response_status IS NOT NULL)
     )
     """,
     "CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at)",

@@ -71,3 +71,20 @@ def platform():
         if pg:
             pg.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def internal_keys() -> tuple[str, str]:
+    """A key pair playing the gateway's: (private_pem, public_pem)."""
+    from shared.auth import generate_keypair
+
+    return generate_keypair()
+
+
+def bearer(private_pem: str, *, tenant_id: str, principal: str, scopes: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """The Authorization header the gateway would send for this principal."""
+    from shared.auth import sign_internal_token
+
+    token = sign_internal_token(private_pem, tenant_id=tenant_id, principal=principal, scopes=list(scopes),
+                                request_id=uuid.uuid4().hex)
+    return {"Authorization": f"Bearer {token}"}

@@ -1,0 +1,7 @@
+"""Event handlers of the reconciliation service (none yet: see its issue)."""
+
+from shared.inbox import Consumer
+
+
+def build_consumers(*, settings, sessionmaker) -> list[Consumer]:
+    return []
