@@ -4,11 +4,12 @@ For every message the handler's effects, the events it records and the row
 `processed_events(consumer, event_id)` commit in one transaction, so a redelivered event
 finds its row and is skipped. Offsets are committed only after that transaction.
 
-A batch of messages from one partition is applied in one transaction, one savepoint per
-message. If a handler raises, its savepoint is rolled back, the messages before it
-commit, and the failing message is retried alone with backoff; after `max_attempts` it
-goes to `<topic>.dlq` (with the error in headers), is recorded as dead-lettered and the
-partition moves on. A message that is not a CloudEvent at all goes to the DLQ at once.
+A batch of messages from one partition is applied in one transaction with one bulk
+inbox insert. If a handler raises, that transaction rolls back and the batch is applied
+again with one savepoint per message: the messages before the bad one commit, and the bad
+one is retried alone with backoff; after `max_attempts` it goes to `<topic>.dlq` (with
+the error in headers), is recorded as dead-lettered and the partition moves on. An outage
+(database or broker unreachable) is never charged to a message. A message that is not a CloudEvent at all goes to the DLQ at once.
 Unknown event types are recorded as ignored; unknown fields are the handler's to ignore.
 """
 
@@ -43,6 +44,13 @@ _MARK_PROCESSED = text(
     "INSERT INTO processed_events (consumer, event_id, event_type, outcome) VALUES (:consumer, :id, :type, :outcome) "
     "ON CONFLICT DO NOTHING RETURNING 1"
 )
+_MARK_MANY = text(
+    """
+    INSERT INTO processed_events (consumer, event_id, event_type, outcome)
+    SELECT :consumer, * FROM unnest(CAST(:ids AS uuid[]), CAST(:types AS text[]), CAST(:outcomes AS text[]))
+    ON CONFLICT DO NOTHING RETURNING 1
+    """
+)
 _RECORD_FAILURE = text(
     """
     INSERT INTO consumer_failures (consumer, event_id, topic, attempts, last_error)
@@ -52,6 +60,10 @@ _RECORD_FAILURE = text(
     RETURNING attempts
     """
 )
+
+
+class _RetryCarefully(Exception):
+    """The optimistic batch cannot commit as a whole; apply it message by message."""
 
 
 @dataclass
@@ -103,24 +115,28 @@ class Consumer:
                     continue
                 if self._kafka.assignment():
                     self.ready.set()
-                for tp, records in batches.items():
-                    try:
-                        await self._process_partition(tp, records)
-                    except Exception as exc:
-                        if not _is_transient(exc):
-                            raise
-                        # The database or broker is away: nothing of this batch beyond the
-                        # committed offset counts; fetch it again once they are back.
-                        log.warning("consumer %s: %s; will re-read %s", self.name, exc, tp)
-                        committed = await self._kafka.committed(tp)
-                        self._kafka.seek(tp, committed if committed is not None else records[0].offset)
-                        await asyncio.sleep(1.0)
+                # Partitions are independent streams: apply them concurrently, each in its
+                # own transaction, so their database round trips overlap.
+                await asyncio.gather(*(self._process_or_rewind(tp, records) for tp, records in batches.items()))
                 await self._report_lag()
         finally:
             await self._kafka.stop()
             await self._dlq_producer.stop()
 
     # ── one partition's batch ──────────────────────────────────────────────────
+    async def _process_or_rewind(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
+        try:
+            await self._process_partition(tp, records)
+        except Exception as exc:
+            if not _is_transient(exc):
+                raise
+            # The database or broker is away: nothing of this batch beyond the committed
+            # offset counts; fetch it again once they are back.
+            log.warning("consumer %s: %s; will re-read %s", self.name, exc, tp)
+            committed = await self._kafka.committed(tp)
+            self._kafka.seek(tp, committed if committed is not None else records[0].offset)
+            await asyncio.sleep(1.0)
+
     async def _process_partition(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
         pending = records
         while pending:
@@ -140,8 +156,13 @@ class Consumer:
                 pending = pending[failure.index:]
 
     async def _apply(self, records: list[ConsumerRecord]) -> tuple[int, _Failure | None]:
-        """Apply records in order in one transaction; stop at the first failure. Returns
-        how many records (a prefix) are now durably handled, and the failure if any."""
+        """Apply records in order; stop at the first failure. Returns how many records (a
+        prefix) are now durably handled, and the failure if any.
+
+        Fast path: the whole batch in one transaction with one bulk inbox insert. If any
+        handler raises (or another consumer claimed an event meanwhile), that transaction
+        is rolled back and the batch is applied again carefully, one savepoint per
+        message, so the good messages before the bad one still commit."""
         decoded: list[InboundEvent] = []
         for index, record in enumerate(records):
             try:
@@ -150,28 +171,74 @@ class Consumer:
                 if index == 0:
                     return 0, _Failure(0, exc, permanent=True)
                 break  # apply the good prefix first; the bad one comes back as index 0
-        failure = None
+        try:
+            outcomes = await self._apply_batch(records, decoded)
+        except _RetryCarefully:
+            return await self._apply_carefully(records, decoded)
+        self._count(records, outcomes)
+        return len(decoded), None
+
+    async def _apply_batch(self, records: list[ConsumerRecord], decoded: list[InboundEvent]) -> list[str]:
+        outcomes: list[str] = []
+        async with UnitOfWork(self._sessionmaker) as uow:
+            seen = await self._already_processed(uow.session, decoded)
+            fresh: list[InboundEvent] = []
+            for index, event in enumerate(decoded):
+                if str(event.id) in seen:
+                    outcomes.append("duplicate")
+                    continue
+                try:
+                    outcomes.append(await self._handle(uow, records[index], event))
+                except Exception as exc:
+                    if _is_transient(exc):
+                        raise
+                    raise _RetryCarefully from exc
+                seen.add(str(event.id))
+                fresh.append(event)
+            if fresh:
+                inserted = await uow.session.execute(_MARK_MANY, {
+                    "consumer": self.name, "ids": [str(e.id) for e in fresh], "types": [e.type for e in fresh],
+                    "outcomes": [o for o in outcomes if o != "duplicate"],
+                })
+                if len(inserted.all()) != len(fresh):
+                    raise _RetryCarefully  # someone else applied one of them: roll back, redo with care
+        return outcomes
+
+    async def _apply_carefully(self, records, decoded) -> tuple[int, _Failure | None]:
+        failure, outcomes = None, []
         async with UnitOfWork(self._sessionmaker) as uow:
             seen = await self._already_processed(uow.session, decoded)
             for index, event in enumerate(decoded):
                 if str(event.id) in seen:
-                    metrics.CONSUMER_PROCESSED.labels(self.name, records[index].topic, "duplicate").inc()
+                    outcomes.append("duplicate")
                     continue
+                savepoint = await uow.session.begin_nested()
                 try:
-                    await self._apply_one(uow, records[index], event)
+                    inserted = await uow.session.execute(_MARK_PROCESSED, {
+                        "consumer": self.name, "id": event.id, "type": event.type,
+                        "outcome": "applied" if event.type in self.handlers else "ignored"})
+                    outcome = await self._handle(uow, records[index], event) if inserted.first() else "duplicate"
+                    await savepoint.commit()
                 except Exception as exc:
+                    await savepoint.rollback()
+                    uow.discard_events(0)
                     if _is_transient(exc):
                         raise  # an outage is not the message's fault: never count it toward the DLQ
                     log.warning("consumer %s: %s %s failed: %s", self.name, event.type, event.id, exc,
                                 extra={"event_id": str(event.id), "error": type(exc).__name__})
                     failure = _Failure(index, exc, permanent=False)
                     break
+                outcomes.append(outcome)
                 seen.add(str(event.id))
+        self._count(records, outcomes)
         return (failure.index if failure else len(decoded)), failure
 
-    async def _apply_one(self, uow: UnitOfWork, record: ConsumerRecord, event: InboundEvent) -> None:
+    async def _handle(self, uow: UnitOfWork, record: ConsumerRecord, event: InboundEvent) -> str:
+        """Run the event's handler with its context bound; its recorded events are written
+        now, while that context (causation, correlation, tenant) is still current."""
         handler = self.handlers.get(event.type)
-        outcome = "applied" if handler else "ignored"
+        if handler is None:
+            return "ignored"
         token = context.bind(
             tenant_id=event.tenant_id, correlation_id=event.correlation_id or str(event.id),
             causation_id=str(event.id), actor=f"service:{self.service}", principal=None,
@@ -181,22 +248,15 @@ class Consumer:
                             topic=record.topic, message_id=str(event.id),
                             attributes={"messaging.consumer.group.name": self.name,
                                         "clearhouse.event_type": event.type}):
-                savepoint = await uow.session.begin_nested()
-                try:
-                    inserted = await uow.session.execute(
-                        _MARK_PROCESSED, {"consumer": self.name, "id": event.id, "type": event.type, "outcome": outcome}
-                    )
-                    if inserted.first() is not None and handler:
-                        await handler(uow, event)
-                        await uow.flush_events()  # while this event's context is bound
-                    await savepoint.commit()
-                except BaseException:
-                    await savepoint.rollback()
-                    uow.discard_events(0)
-                    raise
+                await handler(uow, event)
+                await uow.flush_events()
         finally:
             context.reset(token)
-        metrics.CONSUMER_PROCESSED.labels(self.name, record.topic, outcome).inc()
+        return "applied"
+
+    def _count(self, records: list[ConsumerRecord], outcomes: list[str]) -> None:
+        for record, outcome in zip(records, outcomes):
+            metrics.CONSUMER_PROCESSED.labels(self.name, record.topic, outcome).inc()
 
     async def _already_processed(self, session: AsyncSession, events: list[InboundEvent]) -> set[str]:
         if not events:
