@@ -73,8 +73,15 @@ def cmd_trace(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from clearhouse.verify import run
+
+    return run(_home())
+
+
 def cmd_test(args) -> int:
-    command = [sys.executable, "-m", "pytest", *args.pytest_args]
+    # Per-test timeouts (pyproject) keep a hung broker from eating CI's budget.
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *(args.pytest_args or ["-q"])]
     return subprocess.call(command, cwd=ROOT)
 
 
@@ -109,6 +116,9 @@ def parser() -> argparse.ArgumentParser:
     trace.add_argument("--payment", help="find the traces of a payment id")
     trace.add_argument("--traces-dir")
     trace.set_defaults(func=cmd_trace)
+
+    sub.add_parser("verify", help="check every invariant across all services' databases (read-only)").set_defaults(
+        func=cmd_verify)
 
     test = sub.add_parser("test", help="run the test suite against real PostgreSQL and a real broker")
     test.add_argument("pytest_args", nargs=argparse.REMAINDER)

@@ -36,6 +36,12 @@ def _with(url: str, *, user: str, password: str | None, database: str) -> str:
     return urlunsplit((parts.scheme, netloc, "/" + database, parts.query, ""))
 
 
+def service_urls(admin_url: str, database: str, *, password: str | None = None) -> tuple[str, str]:
+    """(owner URL, app URL) of a provisioned service database on the admin URL's server."""
+    return (_with(admin_url, user=f"{database}_owner", password=password, database=database),
+            _with(admin_url, user=f"{database}_app", password=password, database=database))
+
+
 async def provision_database(admin_url: str, database: str, *, password: str | None = None) -> ServiceDatabase:
     owner, app = f"{database}_owner", f"{database}_app"
     conn = await asyncpg.connect(plain_url(admin_url))
@@ -60,12 +66,8 @@ async def provision_database(admin_url: str, database: str, *, password: str | N
         )
     finally:
         await db_conn.close()
-    return ServiceDatabase(
-        name=database,
-        owner_url=_with(admin_url, user=owner, password=password, database=database),
-        app_url=_with(admin_url, user=app, password=password, database=database),
-        app_role=app,
-    )
+    owner_url, app_url = service_urls(admin_url, database, password=password)
+    return ServiceDatabase(name=database, owner_url=owner_url, app_url=app_url, app_role=app)
 
 
 async def drop_database(admin_url: str, database: str) -> None:

@@ -29,6 +29,15 @@ def service_module(service: str, room: str) -> ModuleType:
     return importlib.import_module(f"services.{service}.{room}")
 
 
+def _optional_room(service: str, room: str) -> ModuleType | None:
+    try:
+        return service_module(service, room)
+    except ModuleNotFoundError as exc:
+        if exc.name != f"services.{service}.{room}":
+            raise
+        return None
+
+
 def migrations_dir(service: str) -> Path:
     if service == "gateway":
         return Path(importlib.import_module("gateway").__file__).parent / "migrations"
@@ -76,16 +85,18 @@ async def run_consumers(service: str) -> None:
         serve_metrics(settings.metrics_port)
     engine = make_engine(settings.database_url, pool_size=5, application_name=f"{service}-consumer")
     instrument_engine(engine)
-    consumers = service_module(service, "consumers").build_consumers(
-        settings=settings, sessionmaker=make_sessionmaker(engine)
-    )
+    sessionmaker = make_sessionmaker(engine)
+    consumers = service_module(service, "consumers").build_consumers(settings=settings, sessionmaker=sessionmaker)
+    # Periodic jobs (expiry, submission, janitors) live beside the consumers: same process
+    # kind, same database pool, same graceful stop.
+    jobs = _optional_room(service, "jobs")
     stop = asyncio.Event()
     _install_stop(stop)
     try:
-        if consumers:
-            await asyncio.gather(*(c.run(stop) for c in consumers))
-        else:
-            await stop.wait()
+        tasks = [c.run(stop) for c in consumers]
+        if jobs is not None:
+            tasks.append(jobs.run_jobs(settings=settings, sessionmaker=sessionmaker, stop=stop))
+        await asyncio.gather(*tasks) if tasks else await stop.wait()
     finally:
         await engine.dispose()
 

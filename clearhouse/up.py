@@ -31,6 +31,7 @@ from clearhouse.supervisor import ProcessSpec, Supervisor
 from shared import migrate
 from shared.db import plain_url
 from shared.kafka import ensure_topics, service_topics
+from shared.relay import Relay
 
 API_PORTS = {"gateway": 8000, "payments": 8001, "approvals": 8002, "ledger": 8003, "reconciliation": 8004,
              "sandbox": 8010}
@@ -149,10 +150,23 @@ def prepare(home: Path, admin_url: str, bootstrap: str, state: dict) -> Platform
     for name in names:
         migrate.upgrade(migrations_dir(name), databases[name].owner_url, databases[name].app_role)
     say(f"• topics: {', '.join(service_topics())}")
-    asyncio.run(ensure_topics(bootstrap, service_topics()))
+    created = asyncio.run(ensure_topics(bootstrap, service_topics()))
+    _replay_into_fresh_broker(databases, bootstrap, created)
     ports = {n: _port(state, n, API_PORTS[n]) for n in [*names, "sandbox"] if n in API_PORTS}
     private_key, public_key = _keys(home)
     return Platform(home, admin_url, bootstrap, databases, ports, public_key, private_key)
+
+
+def _replay_into_fresh_broker(databases: dict[str, ServiceDatabase], bootstrap: str, created: list[str]) -> None:
+    """A topic that had to be created is a broker without our history (the embedded one
+    lives in memory): publish each service's whole event log into it before any consumer
+    starts. Consumers skip what they already applied."""
+    for name, db in databases.items():
+        if f"{name}.events" not in created:
+            continue
+        count = asyncio.run(Relay(service=name, database_url=db.app_url, bootstrap=bootstrap).replay())
+        if count:
+            say(f"  replayed {count} {name} events into the fresh broker")
 
 
 def process_specs(platform: Platform, state: dict) -> list[ProcessSpec]:
