@@ -6,6 +6,8 @@ Labels are bounded (service, route template, topic, consumer): never ids or amou
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest, start_http_server
 
 HTTP_REQUESTS = Counter(
@@ -45,6 +47,8 @@ def metrics_payload() -> tuple[bytes, str]:
     return generate_latest(), CONTENT_TYPE_LATEST
 
 
-def serve_metrics(port: int) -> None:
-    """For processes without an HTTP API (relay, consumer)."""
-    start_http_server(port, addr="127.0.0.1")
+def serve_metrics(port: int, addr: str | None = None) -> None:
+    """For processes without an HTTP API (relay, consumer). Binds where an API would
+    (`HOST`, loopback unless set): in a container HOST is 0.0.0.0, so that Prometheus and
+    the kubelet's liveness probe, which come from outside the container, can reach it."""
+    start_http_server(port, addr=addr or os.environ.get("HOST", "127.0.0.1"))

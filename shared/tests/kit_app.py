@@ -9,7 +9,8 @@ from pathlib import Path
 
 import httpx
 
-from shared.auth import generate_keypair, sign_internal_token
+from shared import testing
+from shared.auth import generate_keypair
 from shared.db import make_engine, make_sessionmaker
 
 KIT_MIGRATIONS = Path(__file__).parent / "kit_migrations"
@@ -17,11 +18,9 @@ PRIVATE_PEM, PUBLIC_PEM = generate_keypair()
 
 
 def bearer(
-    *, tenant: str = "t1", principal: str = "alice", scopes: Iterable[str] = ("counters:write",), request_id: str = "r1"
+    *, tenant: str = "t1", principal: str = "alice", scopes: Iterable[str] = ("counters:write",)
 ) -> dict[str, str]:
-    token = sign_internal_token(PRIVATE_PEM, tenant_id=tenant, principal=principal, scopes=scopes,
-                                request_id=request_id)
-    return {"Authorization": f"Bearer {token}"}
+    return testing.bearer(PRIVATE_PEM, tenant_id=tenant, principal=principal, scopes=tuple(scopes))
 
 
 def client(app, *, raise_app_exceptions: bool = True) -> httpx.AsyncClient:
