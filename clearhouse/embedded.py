@@ -104,17 +104,25 @@ class EmbeddedPostgres:
                             "synchronous_commit = on\nmax_wal_size = 2GB\nlisten_addresses = '127.0.0.1'\n")
         if self.running():
             return
-        stale = self.data_dir / "postmaster.pid"
-        if stale.exists():
-            stale.unlink()
         log.touch()
         if run_as:
             shutil.chown(log, run_as["user"])
-        self._check(
-            [str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(log), "-w", "-t", str(int(timeout)),
-             "-o", f"-p {self.port} -k {self.data_dir}", "start"],
-            run_as, "pg_ctl start", log=log,
-        )
+        # A server of an earlier run may still be finishing its shutdown (its shared memory
+        # still attached): pg_ctl refuses to start until it is gone, so try a few times.
+        # pg_ctl itself recognises a stale postmaster.pid; never delete it by hand.
+        for attempt in range(5):
+            try:
+                self._check(
+                    [str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(log), "-w",
+                     "-t", str(int(timeout)), "-o", f"-p {self.port} -k {self.data_dir}", "start"],
+                    run_as, "pg_ctl start", log=log,
+                )
+                break
+            except EmbeddedError:
+                if attempt == 4:
+                    raise
+                self.stop()
+                time.sleep(1.0)
         _wait_for_port("127.0.0.1", self.port, timeout=timeout, what="PostgreSQL", log=log)
 
     def running(self) -> bool:

@@ -221,7 +221,7 @@ class Consumer:
                     await savepoint.commit()
                 except Exception as exc:
                     await savepoint.rollback()
-                    uow.discard_events(0)
+                    uow.discard_events()
                     if _is_transient(exc):
                         raise  # an outage is not the message's fault: never count it toward the DLQ
                     log.warning("consumer %s: %s %s failed: %s", self.name, event.type, event.id, exc,

@@ -89,11 +89,11 @@ class UnitOfWork:
         self._events.extend(drained)
         return list(self._events)
 
-    def discard_events(self, keep: int) -> None:
-        """Forget events recorded after the first `keep` (a rolled-back savepoint's)."""
+    def discard_events(self) -> None:
+        """Forget events not yet written (those of a rolled-back savepoint)."""
         for agg in self._aggregates:
             agg.events.clear()
-        del self._events[keep:]
+        self._events.clear()
 
     async def flush_events(self) -> None:
         events = self.pending_events()
