@@ -62,7 +62,10 @@ def cmd_trace(args) -> int:
 
     spans = traceview.load_spans(Path(args.traces_dir or _home() / "traces"))
     if args.payment:
-        trace_ids = traceview.trace_ids_for_attribute(spans, "clearhouse.payment_id", args.payment)
+        # The relay tags each publish span with the event's aggregate: a payment's own events.
+        trace_ids = list(dict.fromkeys(
+            traceview.trace_ids_for_attribute(spans, "clearhouse.payment_id", args.payment)
+            + traceview.trace_ids_for_attribute(spans, "clearhouse.aggregate_id", args.payment)))
     else:
         trace_ids = [args.trace_id] if args.trace_id else []
     if not trace_ids:
@@ -73,10 +76,53 @@ def cmd_trace(args) -> int:
     return 0
 
 
+def _gateway_db() -> str:
+    """The gateway database as its owner (key management is an operator's act, not the
+    gateway's): GATEWAY_DATABASE_URL when set, else the one `clearhouse up` made."""
+    from clearhouse.provision import service_urls
+    from clearhouse.verify import admin_url
+
+    return os.environ.get("GATEWAY_DATABASE_URL") or service_urls(admin_url(_home()), "clearhouse_gateway")[0]
+
+
+def cmd_keys_create(args) -> int:
+    import json
+
+    from gateway.keys import create_key
+
+    key = asyncio.run(create_key(_gateway_db(), tenant=args.tenant, principal=args.principal,
+                                 scopes=[s.strip() for s in args.scopes.split(",") if s.strip()], name=args.name))
+    print(json.dumps({"key": key}) if args.json else key)
+    return 0
+
+
+def cmd_keys_list(args) -> int:
+    from gateway.keys import list_keys
+
+    for info in asyncio.run(list_keys(_gateway_db(), tenant=args.tenant, include_revoked=args.all)):
+        state = f"revoked {info.revoked_at:%Y-%m-%d %H:%M}" if info.revoked_at else "active"
+        print(f"{info.prefix}  {info.tenant}/{info.principal}  {','.join(info.scopes)}  {state}")
+    return 0
+
+
+def cmd_keys_revoke(args) -> int:
+    from gateway.keys import revoke_key
+
+    info = asyncio.run(revoke_key(_gateway_db(), args.key))
+    print(f"{info.prefix} revoked at {info.revoked_at:%Y-%m-%d %H:%M:%S}")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from clearhouse.verify import run
 
     return run(_home())
+
+
+def cmd_events_catalogue(args) -> int:
+    from clearhouse.catalogue import write
+
+    return write(check=args.check)
 
 
 def cmd_test(args) -> int:
@@ -111,11 +157,32 @@ def parser() -> argparse.ArgumentParser:
     replay.add_argument("--to-seq", type=int, default=None)
     replay.set_defaults(func=cmd_outbox_replay)
 
+    events = sub.add_parser("events", help="event schemas").add_subparsers(dest="events_command", required=True)
+    catalogue = events.add_parser("catalogue", help="generate docs/event-catalogue.md from the code")
+    catalogue.add_argument("--check", action="store_true", help="fail if the committed catalogue is stale")
+    catalogue.set_defaults(func=cmd_events_catalogue)
+
     trace = sub.add_parser("trace", help="print a trace's cross-service waterfall from exported spans")
     trace.add_argument("trace_id", nargs="?")
     trace.add_argument("--payment", help="find the traces of a payment id")
     trace.add_argument("--traces-dir")
     trace.set_defaults(func=cmd_trace)
+
+    keys = sub.add_parser("keys", help="API keys of the gateway").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="create a key (and its tenant and principal if new); shown once")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--principal", required=True)
+    create.add_argument("--scopes", required=True, help="comma-separated, e.g. payments:read,payments:write")
+    create.add_argument("--name")
+    create.add_argument("--json", action="store_true")
+    create.set_defaults(func=cmd_keys_create)
+    listing = keys.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--tenant")
+    listing.add_argument("--all", action="store_true", help="include revoked keys")
+    listing.set_defaults(func=cmd_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke a key at once")
+    revoke.add_argument("key", help="the key, its prefix ch_live_<id>, or its id")
+    revoke.set_defaults(func=cmd_keys_revoke)
 
     sub.add_parser("verify", help="check every invariant across all services' databases (read-only)").set_defaults(
         func=cmd_verify)

@@ -19,13 +19,17 @@ from shared.kafka import service_topics
 
 SERVICES = ("payments", "approvals", "ledger", "reconciliation")
 ROLES = ("api", "relay", "consumer")
+# HTTP-only components: the public door and the sandbox processor (no event log of their own).
+APPS = {"gateway": "gateway.api:create_app", "sandbox": "services.sandbox.api:create_app"}
 
 log = logging.getLogger(__name__)
 
 
 def service_module(service: str, room: str) -> ModuleType:
-    if service not in SERVICES:
-        raise SystemExit(f"unknown service {service!r}; one of {', '.join(SERVICES)}")
+    if service == "gateway":
+        return importlib.import_module(f"gateway.{room}")
+    if service not in SERVICES and service not in APPS:
+        raise SystemExit(f"unknown service {service!r}; one of {', '.join([*SERVICES, *APPS])}")
     return importlib.import_module(f"services.{service}.{room}")
 
 
@@ -39,8 +43,6 @@ def _optional_room(service: str, room: str) -> ModuleType | None:
 
 
 def migrations_dir(service: str) -> Path:
-    if service == "gateway":
-        return Path(importlib.import_module("gateway").__file__).parent / "migrations"
     return Path(service_module(service, "settings").__file__).parent / "migrations"
 
 
@@ -106,11 +108,14 @@ def run_api(service: str, *, host: str, port: int) -> None:
 
     from shared.logs import uvicorn_log_config
 
-    uvicorn.run(f"services.{service}.api:create_app", factory=True, host=host, port=port,
-                log_config=uvicorn_log_config(), access_log=False, lifespan="on")
+    app = APPS.get(service, f"services.{service}.api:create_app")
+    uvicorn.run(app, factory=True, host=host, port=port, log_config=uvicorn_log_config(), access_log=False,
+                lifespan="on")
 
 
 def serve(service: str, role: str, *, host: str = "127.0.0.1", port: int | None = None) -> None:
+    if service in APPS and role != "api":
+        raise SystemExit(f"{service} has only the api role")
     if role == "api":
         run_api(service, host=host, port=port or settings_for(service).port)
     elif role == "relay":

@@ -28,6 +28,7 @@ from clearhouse.embedded import EmbeddedBroker, EmbeddedError, EmbeddedPostgres,
 from clearhouse.provision import ServiceDatabase, provision_database
 from clearhouse.serve import SERVICES, migrations_dir
 from clearhouse.supervisor import ProcessSpec, Supervisor
+from gateway.keys import ensure_demo_key
 from shared import migrate
 from shared.db import plain_url
 from shared.kafka import ensure_topics, service_topics
@@ -127,8 +128,8 @@ def _keys(home: Path) -> tuple[str, str]:
 
 
 def components() -> list[str]:
-    """The services that get a database and processes."""
-    return list(SERVICES)
+    """What gets a database: the four services and the gateway (its keys and tenants)."""
+    return [*SERVICES, "gateway"]
 
 
 def prepare(home: Path, admin_url: str, bootstrap: str, state: dict) -> Platform:
@@ -136,10 +137,7 @@ def prepare(home: Path, admin_url: str, bootstrap: str, state: dict) -> Platform
     say(f"• databases and migrations: {', '.join(names)}")
 
     async def provision_all() -> dict[str, ServiceDatabase]:
-        dbs = {}
-        for name in names:
-            dbs[name] = await provision_database(admin_url, f"clearhouse_{name}")
-        return dbs
+        return {name: await provision_database(admin_url, f"clearhouse_{name}") for name in names}
 
     databases = asyncio.run(provision_all())
     # Sequential on purpose: Alembic's `op`/`context` are process-global proxies.
@@ -148,7 +146,7 @@ def prepare(home: Path, admin_url: str, bootstrap: str, state: dict) -> Platform
     say(f"• topics: {', '.join(service_topics())}")
     created = asyncio.run(ensure_topics(bootstrap, service_topics()))
     _replay_into_fresh_broker(databases, bootstrap, created)
-    ports = {n: _port(state, n, API_PORTS[n]) for n in [*names, "sandbox"] if n in API_PORTS}
+    ports = {n: _port(state, n, port) for n, port in API_PORTS.items()}
     private_key, public_key = _keys(home)
     return Platform(home, admin_url, bootstrap, databases, ports, public_key, private_key)
 
@@ -166,28 +164,38 @@ def _replay_into_fresh_broker(databases: dict[str, ServiceDatabase], bootstrap: 
 
 
 def process_specs(platform: Platform, state: dict) -> list[ProcessSpec]:
-    python = sys.executable
-    logs = platform.home / "logs"
+    logs, ports = platform.home / "logs", platform.ports
     common = {
         "KAFKA_BOOTSTRAP_SERVERS": platform.bootstrap,
         "INTERNAL_TOKEN_PUBLIC_KEY": platform.public_key,
+        "CLEARHOUSE_HOME": str(platform.home),
         "CLEARHOUSE_TRACES_DIR": str(platform.home / "traces"),
         "PYTHONUNBUFFERED": "1",
     }
-    specs = []
-    metrics_port = METRICS_BASE_PORT
-    for name, db in platform.databases.items():
-        if name == "gateway":
-            continue
-        env = {**common, "DATABASE_URL": db.app_url, "PORT": str(platform.ports[name])}
-        specs.append(ProcessSpec(f"{name}-api", [python, "-m", "clearhouse", "serve", name, "--role", "api"], env,
-                                 f"http://127.0.0.1:{platform.ports[name]}/healthz", logs / f"{name}-api.log"))
+
+    def spec(name: str, role: str, env: dict[str, str], health_port: int, health_path: str) -> ProcessSpec:
+        return ProcessSpec(f"{name}-{role}", [sys.executable, "-m", "clearhouse", "serve", name, "--role", role],
+                           {**common, **env}, f"http://127.0.0.1:{health_port}{health_path}",
+                           logs / f"{name}-{role}.log")
+
+    specs, metrics_port = [], METRICS_BASE_PORT
+    for name in SERVICES:
+        env = {"DATABASE_URL": platform.databases[name].app_url, "PORT": str(ports[name]),
+               "PAYMENTS_SANDBOX_URL": f"http://127.0.0.1:{ports['sandbox']}"}
+        specs.append(spec(name, "api", env, ports[name], "/healthz"))
         for role in ("relay", "consumer"):
             port = _port(state, f"{name}-{role}-metrics", metrics_port)
             metrics_port += 1
-            specs.append(ProcessSpec(f"{name}-{role}", [python, "-m", "clearhouse", "serve", name, "--role", role],
-                                     {**env, "METRICS_PORT": str(port)}, f"http://127.0.0.1:{port}/metrics",
-                                     logs / f"{name}-{role}.log"))
+            specs.append(spec(name, role, {**env, "METRICS_PORT": str(port)}, port, "/metrics"))
+    specs.append(spec("sandbox", "api", {
+        "PORT": str(ports["sandbox"]), "SANDBOX_DB_PATH": str(platform.home / "sandbox.sqlite3"),
+        "SANDBOX_WEBHOOK_URL": f"http://127.0.0.1:{ports['payments']}/v1/payments/webhooks/sandbox",
+    }, ports["sandbox"], "/healthz"))
+    specs.append(spec("gateway", "api", {
+        "DATABASE_URL": platform.databases["gateway"].app_url, "PORT": str(ports["gateway"]),
+        "INTERNAL_TOKEN_PRIVATE_KEY": platform.private_key,
+        **{f"{s.upper()}_URL": f"http://127.0.0.1:{ports[s]}" for s in SERVICES},
+    }, ports["gateway"], "/healthz"))
     return specs
 
 
@@ -216,10 +224,12 @@ def up(home: Path) -> int:
         problems = supervisor.wait_healthy(60, progress=lambda name, n, total: say(f"  ✓ {name} ({n}/{total})"))
         if problems:
             raise UpError("; ".join(problems))
+        key = asyncio.run(ensure_demo_key(platform.databases["gateway"].owner_url, home / "keys" / "demo-api-key"))
         say(f"\nClearhouse is up in {time.monotonic() - started:.1f}s")
         for name, port in platform.ports.items():
-            if name in platform.databases:
-                say(f"  {name:<15} http://127.0.0.1:{port}")
+            say(f"  {name:<15} http://127.0.0.1:{port}")
+        say(f"\n  gateway URL     http://127.0.0.1:{platform.ports['gateway']}   (the public API; docs at /docs)"
+            f"\n  demo API key    {key}   (tenant demo, every scope)")
         say(f"  logs            {home / 'logs'}\n  traces          {home / 'traces'}\nCtrl-C stops everything.")
         supervisor.watch(lambda: stopping)
         return 0

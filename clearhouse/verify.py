@@ -18,16 +18,21 @@ from clearhouse.provision import service_urls
 from clearhouse.serve import SERVICES
 
 
-def database_urls(home: Path) -> dict[str, str]:
-    """Each service's app-role URL: from `<SERVICE>_DATABASE_URL` if set, else the server
-    `clearhouse up` used (CLEARHOUSE_DATABASE_URL, or the embedded one in `home`)."""
+def admin_url(home: Path) -> str:
+    """The server `clearhouse up` used: CLEARHOUSE_DATABASE_URL, or the embedded one."""
     admin = os.environ.get("CLEARHOUSE_DATABASE_URL")
-    if not admin:
-        state = json.loads((home / "state.json").read_text()) if (home / "state.json").exists() else {}
-        port = state.get("ports", {}).get("postgres")
-        if port is None:
-            raise SystemExit(f"no platform state in {home}: run `clearhouse up` first or set CLEARHOUSE_DATABASE_URL")
-        admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    if admin:
+        return admin
+    state = json.loads((home / "state.json").read_text()) if (home / "state.json").exists() else {}
+    port = state.get("ports", {}).get("postgres")
+    if port is None:
+        raise SystemExit(f"no platform state in {home}: run `clearhouse up` first or set CLEARHOUSE_DATABASE_URL")
+    return f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+
+def database_urls(home: Path) -> dict[str, str]:
+    """Each service's app-role URL: `<SERVICE>_DATABASE_URL` if set, else on `admin_url`."""
+    admin = admin_url(home)
     return {s: os.environ.get(f"{s.upper()}_DATABASE_URL") or service_urls(admin, f"clearhouse_{s}")[1]
             for s in SERVICES}
 

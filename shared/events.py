@@ -33,6 +33,12 @@ class DomainEvent:
     reason: str | None = None
     id: uuid.UUID = field(default_factory=uuid.uuid4)
     occurred_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    # Who caused it and in which trace: stamped from the context when the event is
+    # recorded into a unit of work (see `shared.uow.UnitOfWork.stamp_events`).
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    traceparent: str | None = None
+    stamped: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         schema_version(self.type)

@@ -128,7 +128,7 @@ class Consumer:
         try:
             await self._process_partition(tp, records)
         except Exception as exc:
-            if not _is_transient(exc):
+            if not is_transient(exc):
                 raise
             # The database or broker is away: nothing of this batch beyond the committed
             # offset counts; fetch it again once they are back.
@@ -190,7 +190,7 @@ class Consumer:
                 try:
                     outcomes.append(await self._handle(uow, records[index], event))
                 except Exception as exc:
-                    if _is_transient(exc):
+                    if is_transient(exc):
                         raise
                     raise _RetryCarefully from exc
                 seen.add(str(event.id))
@@ -213,6 +213,7 @@ class Consumer:
                     outcomes.append("duplicate")
                     continue
                 savepoint = await uow.session.begin_nested()
+                events_before = uow.stamp_events()
                 try:
                     inserted = await uow.session.execute(_MARK_PROCESSED, {
                         "consumer": self.name, "id": event.id, "type": event.type,
@@ -221,8 +222,8 @@ class Consumer:
                     await savepoint.commit()
                 except Exception as exc:
                     await savepoint.rollback()
-                    uow.discard_events()
-                    if _is_transient(exc):
+                    uow.discard_events(keep=events_before)
+                    if is_transient(exc):
                         raise  # an outage is not the message's fault: never count it toward the DLQ
                     log.warning("consumer %s: %s %s failed: %s", self.name, event.type, event.id, exc,
                                 extra={"event_id": str(event.id), "error": type(exc).__name__})
@@ -234,8 +235,9 @@ class Consumer:
         return (failure.index if failure else len(decoded)), failure
 
     async def _handle(self, uow: UnitOfWork, record: ConsumerRecord, event: InboundEvent) -> str:
-        """Run the event's handler with its context bound; its recorded events are written
-        now, while that context (causation, correlation, tenant) is still current."""
+        """Run the event's handler with its context bound; the events it records are
+        stamped now, while that context (causation, correlation, tenant, trace) is
+        current, and written with the batch at commit."""
         handler = self.handlers.get(event.type)
         if handler is None:
             return "ignored"
@@ -249,7 +251,7 @@ class Consumer:
                             attributes={"messaging.consumer.group.name": self.name,
                                         "clearhouse.event_type": event.type}):
                 await handler(uow, event)
-                await uow.flush_events()
+                uow.stamp_events()  # written once for the whole batch, at commit
         finally:
             context.reset(token)
         return "applied"
@@ -316,7 +318,7 @@ class Consumer:
             metrics.CONSUMER_LAG.labels(self.name, tp.topic, str(tp.partition)).set(max(0, highwater - position))
 
 
-def _is_transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException) -> bool:
     """Infrastructure trouble (connection lost, server shutting down, deadlock): retry
     without charging the message an attempt."""
     if isinstance(exc, (OSError, asyncio.TimeoutError, KafkaError)):

@@ -89,15 +89,27 @@ class UnitOfWork:
         self._events.extend(drained)
         return list(self._events)
 
-    def discard_events(self) -> None:
-        """Forget events not yet written (those of a rolled-back savepoint)."""
+    def stamp_events(self) -> int:
+        """Stamp the pending events with the current context (tenant, actor, correlation,
+        causation, trace) without writing them; returns how many are pending. A consumer
+        applying a batch stamps each message's events while that message's context is
+        bound, and the whole batch's events are written once, at commit."""
+        events = self.pending_events()
+        ctx, traceparent = context.current(), current_traceparent()
+        for event in events:
+            if not event.stamped:
+                _stamp(event, ctx, traceparent)
+        return len(events)
+
+    def discard_events(self, keep: int = 0) -> None:
+        """Forget pending events after the first `keep` (those of a rolled-back savepoint)."""
         for agg in self._aggregates:
             agg.events.clear()
-        self._events.clear()
+        del self._events[keep:]
 
     async def flush_events(self) -> None:
-        events = self.pending_events()
-        self._events.clear()
+        self.stamp_events()
+        events, self._events = self._events, []
         if events:
             await write_events(self.session, events)
 
@@ -108,10 +120,21 @@ class UnitOfWork:
             callback()
 
 
+def _stamp(event: DomainEvent, ctx: context.RequestContext, traceparent: str | None) -> None:
+    event.tenant_id = event.tenant_id or ctx.tenant_id
+    event.actor = event.actor or ctx.actor or "system:unknown"
+    event.correlation_id = event.correlation_id or ctx.correlation_id
+    event.causation_id = event.causation_id or ctx.causation_id
+    event.traceparent = event.traceparent or traceparent
+    event.stamped = True
+
+
 async def write_events(session: AsyncSession, events: Iterable[DomainEvent]) -> None:
     events = list(events)
-    ctx = context.current()
-    traceparent = current_traceparent()
+    ctx, traceparent = context.current(), current_traceparent()
+    for event in events:
+        if not event.stamped:
+            _stamp(event, ctx, traceparent)
     # Per-aggregate order: the seq an event gets must follow commit order for the same
     # aggregate. A transaction-scoped advisory lock per aggregate (taken in a stable
     # order, so two writers cannot deadlock on it) serialises writers of one aggregate.
@@ -124,17 +147,17 @@ async def write_events(session: AsyncSession, events: Iterable[DomainEvent]) -> 
         _INSERT_EVENTS,
         {
             "ids": [str(e.id) for e in events],
-            "tenants": [e.tenant_id or ctx.tenant_id for e in events],
+            "tenants": [e.tenant_id for e in events],
             "agg_types": [e.aggregate_type for e in events],
             "agg_ids": [e.aggregate_id for e in events],
             "types": [e.type for e in events],
             "versions": [schema_version(e.type) for e in events],
             "payloads": [orjson.dumps(e.payload).decode() for e in events],
-            "actors": [e.actor or ctx.actor or "system:unknown" for e in events],
+            "actors": [e.actor for e in events],
             "reasons": [e.reason for e in events],
-            "correlations": [ctx.correlation_id for _ in events],
-            "causations": [ctx.causation_id for _ in events],
-            "traceparents": [traceparent for _ in events],
+            "correlations": [e.correlation_id for e in events],
+            "causations": [e.causation_id for e in events],
+            "traceparents": [e.traceparent for e in events],
             "times": [e.occurred_at for e in events],
         },
     )
