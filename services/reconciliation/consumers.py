@@ -1,7 +1,7 @@
 """Event handlers of the reconciliation service: its own read model of payments and of
 the ledger's postings, built from their events (never from their databases).
 
-    payment.created/approved/rejected/submitted/settled/failed/cancelled/refunded
+    payment.created/approved/funds_reserved/rejected/submitted/settled/failed/cancelled/refunded
         → rm_payments (+ rm_refunds for a refund): amount, currency, status, value date
     ledger.hold.posted, ledger.transaction.posted (with a payment_id; reversals and other
     postings, a hold's posting being told by hold.posted)
@@ -32,8 +32,9 @@ from shared.uow import UnitOfWork
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
-PAYMENT_EVENTS = ("payment.created.v1", "payment.approved.v1", "payment.rejected.v1", "payment.submitted.v1",
-                  "payment.settled.v1", "payment.failed.v1", "payment.cancelled.v1", "payment.refunded.v1")
+PAYMENT_EVENTS = ("payment.created.v1", "payment.approved.v1", "payment.funds_reserved.v1", "payment.rejected.v1",
+                  "payment.submitted.v1", "payment.settled.v1", "payment.failed.v1", "payment.cancelled.v1",
+                  "payment.refunded.v1")
 
 
 class UnusableEvent(Exception):

@@ -17,13 +17,13 @@ import logging
 import uuid
 
 from prometheus_client import Counter, Histogram
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.reconciliation import repository, service
 from services.reconciliation.settings import Settings
 from shared import context
-from shared.uow import UnitOfWork, is_retryable, run_in_transaction
+from shared.inbox import is_transient  # the kit's one definition of infrastructure trouble
+from shared.uow import UnitOfWork, run_in_transaction
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +31,6 @@ RUNS = Counter("clearhouse_reconciliation_runs_total", "Reconciliation runs fini
 RUN_SECONDS = Histogram("clearhouse_reconciliation_run_seconds", "Time to reconcile one statement",
                         buckets=(0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300))
 JOB_FAILURES = Counter("clearhouse_reconciliation_job_failures_total", "Run-loop rounds that failed", ["kind"])
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Infrastructure trouble (connection lost, server restarting, deadlock): the run is
-    not at fault; its lease expires and it is claimed again."""
-    if isinstance(exc, (OSError, asyncio.TimeoutError)):
-        return True
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated or is_retryable(exc):
-            return True
-        sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(getattr(exc.orig, "__cause__", None), "sqlstate", "")
-        return (sqlstate or "").startswith(("08", "57P"))
-    return False
 
 
 async def claim(sessionmaker: async_sessionmaker[AsyncSession], *, settings: Settings) -> repository.RunRow | None:

@@ -84,8 +84,8 @@ CASE WHEN {kind} <> 'payment' THEN 'not_applicable'
 _KEYED = text(f"""
 CREATE TEMP TABLE w_keyed ON COMMIT DROP AS
 WITH keyed AS (
-    SELECT l.line_no, l.entry_no, l.value_date, l.direction, l.amount, l.entry_amount, l.currency, l.reference,
-           l.ref_uuid,
+    SELECT l.line_no, l.entry_no, l.value_date, l.direction, l.amount, l.entry_amount, l.currency,
+           COALESCE(l.reference, l.ref_uuid::text) AS reference, l.ref_uuid,
            COALESCE(p.payment_id, r.refund_id) AS target_id,
            CASE WHEN p.payment_id IS NOT NULL THEN 'payment' WHEN r.refund_id IS NOT NULL THEN 'refund' END
                AS target_kind,

@@ -109,9 +109,11 @@ def encode_lines(batch: list[StatementLine], *, prefix: str) -> bytes:
             reference, ref_uuid, bank_ref in batch:
         value_text = days.get(value_date) or days.setdefault(value_date, value_date.isoformat())
         booking_text = days.get(booking_date) or days.setdefault(booking_date, booking_date.isoformat())
+        # The reference is stored as text only when it says more than its UUID (most
+        # references are the payment id as is): a fifth of the bytes COPY and WAL carry.
         append(f"{prefix}{line_no}\t{entry_no}\t{null if source_line is None else source_line}\t{value_text}\t"
                f"{booking_text}\t{direction}\t{null if amount is None else amount}\t{entry_amount}\t{currency}\t"
-               f"{null if reference is None else _copy_text(reference)}\t{ref_uuid or null}\t"
+               f"{null if reference is None or reference == ref_uuid else _copy_text(reference)}\t{ref_uuid or null}\t"
                f"{null if bank_ref is None else _copy_text(bank_ref)}\n")
     return "".join(rows).encode()
 
@@ -391,7 +393,7 @@ async def _manual_match(session: AsyncSession, *, tenant_id: str, found: reposit
 _PAYMENT_STATUS_OF = {
     "payment.created.v1": "pending_approval", "payment.approved.v1": "approved", "payment.rejected.v1": "rejected",
     "payment.submitted.v1": "submitted", "payment.settled.v1": "settled", "payment.failed.v1": "failed",
-    "payment.cancelled.v1": "cancelled",
+    "payment.cancelled.v1": "cancelled", "payment.funds_reserved.v1": "approved",
 }
 
 
@@ -403,6 +405,8 @@ def payment_fact(*, tenant_id: str, event_type: str, payload: PaymentEventIn, se
         # Payments says which (the status rides on its events); the contract's fields alone
         # cannot tell, since a refund event carries the refund's amount, not the payment's.
         status = payload.status if payload.status in ("refunded", "partially_refunded") else "partially_refunded"
+    elif payload.status in STATUS_RANK:
+        status = payload.status  # payments sends the status after each transition
     else:
         status = _PAYMENT_STATUS_OF[event_type]
     refund = event_type == "payment.refunded.v1" and payload.refund_id is not None

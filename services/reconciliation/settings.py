@@ -25,4 +25,4 @@ class Settings(KitSettings):
     run_poll_interval_s: float = Field(default=0.5, gt=0)
     run_lease_s: float = Field(default=600.0, gt=0)
     run_max_attempts: int = Field(default=3, gt=0)
-    run_work_mem_mb: int = Field(default=64, ge=4, le=1024)
+    run_work_mem_mb: int = Field(default=128, ge=4, le=1024)

@@ -155,6 +155,7 @@ _UUID_CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[
 _UUID_ANYWHERE = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _NO_REFERENCE = frozenset({"", "NOTPROVIDED", "NONREF", "NONE", "N/A"})
+_TOKEN = re.compile(r"[!-~]{1,140}")  # printable ASCII without spaces: clean as it is
 
 
 class ValueProblem(ValueError):
@@ -432,7 +433,7 @@ def _parse_csv(stream: BinaryIO, summary: StatementSummary) -> Iterator[list[Sta
     # The hot loop: one row in, one line out. Common shapes (a plain amount, a known
     # upper-case currency, an ISO date, a canonical UUID reference) take the fast path;
     # anything else goes through the general, stricter functions.
-    plain_amount, canonical_uuid = _PLAIN_AMOUNT.fullmatch, _UUID_CANONICAL.fullmatch
+    plain_amount, canonical_uuid, plain_token = _PLAIN_AMOUNT.fullmatch, _UUID_CANONICAL.fullmatch, _TOKEN.fullmatch
     known_currency, directions, dates = CURRENCY_EXPONENTS, _DIRECTIONS, _DATE_CACHE
     new_line = tuple.__new__
     line_no = 0
@@ -475,7 +476,9 @@ def _parse_csv(stream: BinaryIO, summary: StatementSummary) -> Iterator[list[Sta
                     reference = clean_reference(reference)
                     ref_uuid = reference_uuid(reference)
                 column = "bank_ref"
-                bank_ref = clean_reference(row[i_bank_ref]) if i_bank_ref is not None else None
+                bank_ref = row[i_bank_ref] if i_bank_ref is not None else None
+                if bank_ref is not None and not (plain_token(bank_ref) and bank_ref.upper() not in _NO_REFERENCE):
+                    bank_ref = clean_reference(bank_ref)
             except ValueProblem as problem:
                 if problem.code == "invalid_direction":
                     column = "direction"

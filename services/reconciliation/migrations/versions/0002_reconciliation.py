@@ -135,6 +135,7 @@ def upgrade() -> None:
         amount       bigint  CHECK (amount > 0),
         entry_amount bigint  NOT NULL CHECK (entry_amount > 0),
         currency     text    NOT NULL CHECK (currency ~ '^[A-Z]{3}$'),
+        -- the reference as written, when it is more than ref_uuid in canonical form
         reference    text    CHECK (length(reference) <= 140),
         ref_uuid     uuid,
         bank_ref     text    CHECK (length(bank_ref) <= 140),

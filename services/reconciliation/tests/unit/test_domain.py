@@ -115,6 +115,12 @@ def test_a_ledger_posting_is_its_debits_and_a_reversal_is_negative():
         posted_at=datetime.now(timezone.utc))) is None
 
 
+def test_a_reference_that_is_its_uuid_is_stored_once():
+    reference = str(uuid.uuid4())
+    line = StatementLine(1, 1, 2, date(2026, 3, 2), None, "DBIT", 900, 900, "EUR", reference, reference, "b1")
+    assert encode_lines([line], prefix="") == f"1\t1\t2\t2026-03-02\t\\N\tDBIT\t900\t900\tEUR\t\\N\t{reference}\tb1\n".encode()
+
+
 def test_copy_rows_escape_backslashes_and_write_nulls():
     line = StatementLine(1, 1, None, date(2026, 3, 2), None, "DBIT", None, 900, "EUR", "a\\b", None, None)
     assert encode_lines([line], prefix="t\ts\t2026-03-02\t") == (
