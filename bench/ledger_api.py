@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import time
 import uuid
 
 from ledger_common import CpuMeter, bearer, call, embedded_ledger, json_body, ledger_api, load, use_uvloop
@@ -48,7 +49,8 @@ def main() -> None:
     args = parser.parse_args()
     use_uvloop()
     with embedded_ledger("api") as platform, \
-            ledger_api(platform, workers=args.workers, pool_size=args.pool_size, tracing=not args.no_tracing) as (host, port, api_pid):
+            ledger_api(platform, workers=args.workers, pool_size=args.pool_size,
+                       tracing=not args.no_tracing) as (host, port, api_pid):
         auth = bearer(platform, "bench-tenant")
         accounts = asyncio.run(open_accounts(host, port, auth, args.accounts))
         rng = random.Random(1)
@@ -73,8 +75,10 @@ def main() -> None:
         print("  " + cpu)
         for error in run.errors:
             print("  error:", error)
+        began = time.perf_counter()
         violations = asyncio.run(verify(platform.db.app_url))
-        print(f"  verify: {len(violations)} violations" + "".join(f"\n    {v}" for v in violations[:10]))
+        print(f"  verify: {len(violations)} violations in {time.perf_counter() - began:.1f}s"
+              + "".join(f"\n    {v}" for v in violations[:10]))
 
 
 if __name__ == "__main__":

@@ -120,7 +120,8 @@ def main() -> None:
     parser.add_argument("--no-tracing", action="store_true")
     args = parser.parse_args()
     use_uvloop()
-    with embedded_ledger("asof") as platform, ledger_api(platform, tracing=not args.no_tracing) as (host, port, api_pid):
+    with embedded_ledger("asof") as platform, \
+            ledger_api(platform, tracing=not args.no_tracing) as (host, port, api_pid):
         tenant = "asof-tenant"
         auth = bearer(platform, tenant, scopes=("ledger:read", "ledger:write"))
 

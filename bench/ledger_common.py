@@ -111,7 +111,7 @@ class CpuMeter:
 
 
 @contextmanager
-def ledger_api(platform: Platform, *, workers: int = 1, pool_size: int = 20, tracing: bool = True):
+def ledger_api(platform: Platform, *, workers: int = 1, pool_size: int = 40, tracing: bool = True):
     """The ledger API in its own uvicorn process(es), as deployed; yields (host, port, pid)."""
     port = free_port()
     env = {

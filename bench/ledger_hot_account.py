@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 import uuid
 
 from ledger_common import CpuMeter, bearer, call, embedded_ledger, json_body, ledger_api, load, use_uvloop
@@ -28,10 +29,13 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=200)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--pool-size", type=int, default=20,
+                        help="DB_POOL_SIZE: for one hot row, fewer database connections queue better")
     parser.add_argument("--no-tracing", action="store_true")
     args = parser.parse_args()
     use_uvloop()
-    with embedded_ledger("hot") as platform, ledger_api(platform, tracing=not args.no_tracing) as (host, port, api_pid):
+    with embedded_ledger("hot") as platform, \
+            ledger_api(platform, pool_size=args.pool_size, tracing=not args.no_tracing) as (host, port, api_pid):
         auth = bearer(platform, "hot-tenant")
 
         async def setup() -> tuple[str, list[str]]:
@@ -116,8 +120,10 @@ def main() -> None:
                   f"confirmed transactions → {'EXACT' if exact else 'WRONG'}")
 
         asyncio.run(check())
+        began = time.perf_counter()
         violations = asyncio.run(verify(platform.db.app_url))
-        print(f"  verify: {len(violations)} violations" + "".join(f"\n    {v}" for v in violations[:10]))
+        print(f"  verify: {len(violations)} violations in {time.perf_counter() - began:.1f}s"
+              + "".join(f"\n    {v}" for v in violations[:10]))
 
 
 if __name__ == "__main__":

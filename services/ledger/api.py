@@ -20,8 +20,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from services.ledger import service
 from services.ledger.domain import (
-    AmountExceedsHold, BalanceLimitExceeded, CurrencyMismatch, DuplicateExternalId, Hold, HoldExpired,
-    HoldNotPending, InsufficientFunds, NormalBalance, NotReversible, SameAccount, Transaction, UnbalancedTransaction,
+    AmountExceedsHold, BalanceLimitExceeded, CurrencyMismatch, DuplicateExternalId, Hold, HoldExpired, HoldNotPending,
+    HoldOwnedByPayment, InsufficientFunds, NormalBalance, NotReversible, SameAccount, Transaction,
+    UnbalancedTransaction,
 )
 from services.ledger.repository import AccountRow, BalanceSnapshot, EntryRow
 from services.ledger.schemas import (
@@ -291,7 +292,7 @@ async def get_hold(hold_id: uuid.UUID, principal: Reader, sessionmaker: ReadSess
 
 @router.post("/holds/{hold_id}/post", status_code=200, response_model=HoldPublic,
              responses=problem_responses(*_WRITE, service.HoldNotFound, HoldNotPending, HoldExpired,
-                                         AmountExceedsHold, BalanceLimitExceeded))
+                                         HoldOwnedByPayment, AmountExceedsHold, BalanceLimitExceeded))
 async def post_hold(hold_id: uuid.UUID, principal: Writer, idem: IdempotencyDep, sessionmaker: SessionmakerDep,
                     body: Annotated[HoldPost | None, Body()] = None):
     """Post the hold, fully or `amount` of it; the rest is released."""
@@ -303,7 +304,7 @@ async def post_hold(hold_id: uuid.UUID, principal: Writer, idem: IdempotencyDep,
 
 
 @router.post("/holds/{hold_id}/void", status_code=200, response_model=HoldPublic,
-             responses=problem_responses(*_WRITE, service.HoldNotFound, HoldNotPending))
+             responses=problem_responses(*_WRITE, service.HoldNotFound, HoldNotPending, HoldOwnedByPayment))
 async def void_hold(hold_id: uuid.UUID, principal: Writer, idem: IdempotencyDep, sessionmaker: SessionmakerDep,
                     body: Annotated[HoldVoid | None, Body()] = None):
     """Release the whole hold; nothing is posted."""

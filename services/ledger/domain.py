@@ -115,6 +115,11 @@ class HoldNotPending(Conflict):
     title = "Hold not pending"
 
 
+class HoldOwnedByPayment(Conflict):
+    code = "hold_owned_by_payment"
+    title = "Hold owned by a payment"
+
+
 class HoldExpired(Conflict):
     code = "hold_expired"
     title = "Hold expired"
@@ -291,7 +296,7 @@ class Book:
             if leg.currency is not None and leg.currency != slot[0].currency:
                 raise CurrencyMismatch(
                     f"Entry {position} says {leg.currency} but account {leg.account_id} holds {slot[0].currency}.",
-                    errors=[{"pointer": f"/entries/{position}/currency", "code": "currency_mismatch",
+                    errors=[{"pointer": f"/body/entries/{position}/currency", "code": "currency_mismatch",
                              "detail": f"The account holds {slot[0].currency}."}],
                 )
         check_balanced(legs, {account_id: slot[0].currency for account_id, slot in work.items()})
@@ -319,7 +324,8 @@ class Book:
             if not state.allow_negative and available < 0:
                 before = state.totals.available(state.normal_balance)
                 raise InsufficientFunds(
-                    f"Account {account_id} has {before} available in {state.currency}; this needs {before - available}.",
+                    f"Account {account_id} has {before} available in {state.currency}; "
+                    f"this needs {before - available}.",
                     account_id=str(account_id), available=before, required=before - available,
                 )
 

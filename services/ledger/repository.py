@@ -364,15 +364,16 @@ _WRITE_POSTINGS = text(
 
 
 def event_rows(events: Sequence[DomainEvent]) -> list[dict[str, Any]]:
-    """The event log rows for `events`, stamped exactly as `shared.uow.write_events` stamps
-    them (tenant, actor, correlation, causation and trace from the context). A test holds
-    the two paths to the same columns."""
+    """The event log rows for `events`, stamped as `shared.uow.write_events` stamps them:
+    what the event already carries wins, the context fills the rest (tenant, actor,
+    correlation, causation, trace). A test holds the two paths to the same columns."""
     ctx = context.current()
     traceparent = current_traceparent()
     return [{"id": e.id, "tenant_id": e.tenant_id or ctx.tenant_id, "aggregate_type": e.aggregate_type,
              "aggregate_id": e.aggregate_id, "type": e.type, "schema_version": schema_version(e.type),
              "payload": e.payload, "actor": e.actor or ctx.actor or "system:unknown", "reason": e.reason,
-             "correlation_id": ctx.correlation_id, "causation_id": ctx.causation_id, "traceparent": traceparent,
+             "correlation_id": e.correlation_id or ctx.correlation_id,
+             "causation_id": e.causation_id or ctx.causation_id, "traceparent": e.traceparent or traceparent,
              "occurred_at": e.occurred_at} for e in events]
 
 
@@ -424,7 +425,9 @@ async def write_postings(
         raise RuntimeError(f"moved {moved} balance rows, expected {len(accounts)}")
 
 
-async def existing_external_ids(session: AsyncSession, *, tenant_id: str, external_ids: Sequence[str]) -> dict[str, uuid.UUID]:
+async def existing_external_ids(
+    session: AsyncSession, *, tenant_id: str, external_ids: Sequence[str]
+) -> dict[str, uuid.UUID]:
     if not external_ids:
         return {}
     rows = await session.execute(
@@ -545,8 +548,9 @@ _INSERT_HOLD = text(
 
 _RESOLVE_HOLD = text(
     """
-    UPDATE holds SET status = :status, amount_posted = :amount_posted, resolved_transaction_id = :resolved_transaction_id,
-                     void_reason = :void_reason, resolved_at = :resolved_at
+    UPDATE holds SET status = :status, amount_posted = :amount_posted,
+                     resolved_transaction_id = :resolved_transaction_id, void_reason = :void_reason,
+                     resolved_at = :resolved_at
     WHERE id = :id AND tenant_id = :tenant_id AND status = 'pending'
     """
 )

@@ -32,7 +32,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.ledger import repository
 from services.ledger.domain import (
-    Book, CurrencyMismatch, Direction, DuplicateExternalId, EntryKind, Hold, HoldStatus, InsufficientFunds, Leg,
+    Book, CurrencyMismatch, Direction, DuplicateExternalId, EntryKind, Hold, HoldOwnedByPayment, HoldStatus,
+    InsufficientFunds, Leg,
     NormalBalance, Transaction, TransactionKind, account_opened_event, genesis_hash, hold_rejected_event,
     hold_skipped_event, reversal_legs, transaction_posted_event,
 )
@@ -266,7 +267,6 @@ class Posting:
     description: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     reverses_id: uuid.UUID | None = None
-    pointer: str = ""  # where this posting sits in the request body, for field errors
 
 
 @dataclass(frozen=True)
@@ -276,16 +276,17 @@ class Outcome:
     refusal: DomainError | None = None
 
 
-def _posting(request: TransactionCreate, *, pointer: str = "") -> Posting:
+def _posting(request: TransactionCreate) -> Posting:
     legs = [Leg(e.account_id, Direction(e.direction), e.amount, EntryKind.POSTED, e.currency)
             for e in request.entries]
     return Posting(legs=legs, external_id=request.external_id, description=request.description,
-                   metadata=dict(request.metadata), pointer=pointer)
+                   metadata=dict(request.metadata))
 
 
 def _refusal_at(error: DomainError, *, index: int) -> DomainError:
     """The same refusal, saying which item of a bulk request it is about."""
-    errors = [{**e, "pointer": f"/transactions/{index}{e.get('pointer', '')}"} for e in (error.errors or [])]
+    errors = [{**e, "pointer": e.get("pointer", "/body").replace("/body", f"/body/transactions/{index}", 1)}
+              for e in (error.errors or [])]
     refused = type(error)(f"Transaction {index}: {error.detail}", errors=errors or None, headers=error.headers,
                           **{**error.extra, "index": index})
     return refused
@@ -306,9 +307,11 @@ def _violated_constraint(exc: IntegrityError) -> str | None:
     return None
 
 
-async def _post(uow: UnitOfWork, *, tenant_id: str, postings: Sequence[Posting], atomic: bool) -> list[Outcome]:
+async def _post(uow: UnitOfWork, *, tenant_id: str, postings: Sequence[Posting], atomic: bool,
+                bulk: bool = False) -> list[Outcome]:
     """Post each posting against the locked accounts in order. Atomic: the first refusal
-    refuses all. Otherwise refused postings are skipped and the rest are written."""
+    refuses all (saying which item, for a bulk request). Otherwise refused postings are
+    skipped and the rest are written."""
     wanted_ids = [leg.account_id for p in postings for leg in p.legs]
     external_ids = [p.external_id for p in postings if p.external_id]
     existing = await repository.existing_external_ids(uow.session, tenant_id=tenant_id, external_ids=external_ids)
@@ -323,7 +326,7 @@ async def _post(uow: UnitOfWork, *, tenant_id: str, postings: Sequence[Posting],
                 if leg.account_id not in book.accounts:
                     raise AccountNotFound(
                         f"No account {leg.account_id}.",
-                        errors=[{"pointer": f"{posting.pointer}/entries/{position}/account_id",
+                        errors=[{"pointer": f"/body/entries/{position}/account_id",
                                  "code": "account_not_found", "detail": "No such account."}])
             if posting.external_id is not None:
                 if posting.external_id in existing:
@@ -336,7 +339,7 @@ async def _post(uow: UnitOfWork, *, tenant_id: str, postings: Sequence[Posting],
                 reverses_id=posting.reverses_id)
         except DomainError as refusal:
             if atomic:
-                raise _refusal_at(refusal, index=index) if len(postings) > 1 else refusal
+                raise _refusal_at(refusal, index=index) if bulk else refusal
             outcomes.append(Outcome(index, refusal=refusal))
             continue
         if posting.external_id is not None:
@@ -374,7 +377,7 @@ async def post_transactions(
     *, uow: UnitOfWork, tenant_id: str, requests: Sequence[TransactionCreate], atomic: bool
 ) -> list[Outcome]:
     postings = [_posting(r) for r in requests]
-    return await _post(uow, tenant_id=tenant_id, postings=postings, atomic=atomic)
+    return await _post(uow, tenant_id=tenant_id, postings=postings, atomic=atomic, bulk=True)
 
 
 def refusal_problem(refusal: DomainError) -> dict:
@@ -439,8 +442,8 @@ async def _place(uow: UnitOfWork, *, hold: Hold, asserted_currency: str | None) 
     refusal is raised before anything is written, so a caller may catch it and go on."""
     legs = hold.placement_legs()
     book = await _lock_book(uow, tenant_id=hold.tenant_id, account_ids=[hold.debit_account_id, hold.credit_account_id])
-    for pointer, account_id in (("/debit_account_id", hold.debit_account_id),
-                                ("/credit_account_id", hold.credit_account_id)):
+    for pointer, account_id in (("/body/debit_account_id", hold.debit_account_id),
+                                ("/body/credit_account_id", hold.credit_account_id)):
         if account_id not in book.accounts:
             raise AccountNotFound(f"No account {account_id}.",
                                   errors=[{"pointer": pointer, "code": "account_not_found",
@@ -451,11 +454,12 @@ async def _place(uow: UnitOfWork, *, hold: Hold, asserted_currency: str | None) 
                                f"{credit.id} holds {credit.currency}.")
     if asserted_currency is not None and asserted_currency != debit.currency:
         raise CurrencyMismatch(f"The hold says {asserted_currency} but the accounts hold {debit.currency}.",
-                               errors=[{"pointer": "/currency", "code": "currency_mismatch",
+                               errors=[{"pointer": "/body/currency", "code": "currency_mismatch",
                                         "detail": f"The accounts hold {debit.currency}."}])
     if hold.expires_at is not None and hold.expires_at <= book.now:
         raise InvalidExpiry("expires_at must be in the future.",
-                            errors=[{"pointer": "/expires_at", "code": "invalid_expiry", "detail": "In the past."}])
+                            errors=[{"pointer": "/body/expires_at", "code": "invalid_expiry",
+                                     "detail": "In the past."}])
     hold.currency = debit.currency
     transaction = book.post(transaction_id=new_id(), tenant_id=hold.tenant_id, kind=TransactionKind.HOLD_PLACED,
                             legs=legs, description=hold.description, hold_id=hold.id, payment_id=hold.payment_id)
@@ -510,14 +514,24 @@ async def _locked_hold(uow: UnitOfWork, *, tenant_id: str, hold_id: uuid.UUID) -
     return hold
 
 
+def _not_a_payments(hold: Hold) -> None:
+    # A payment's hold follows the payment (settled → posted, failed → voided); payments
+    # reads a void as "the reservation is gone". Nobody else may resolve it.
+    if hold.payment_id is not None:
+        raise HoldOwnedByPayment(f"Hold {hold.id} reserves payment {hold.payment_id}; the payment's outcome "
+                                 "posts or voids it.", payment_id=hold.payment_id)
+
+
 async def post_hold(*, uow: UnitOfWork, tenant_id: str, hold_id: uuid.UUID, amount: int | None) -> Hold:
     hold = await _locked_hold(uow, tenant_id=tenant_id, hold_id=hold_id)
+    _not_a_payments(hold)
     await _resolve(uow, hold=hold, post_amount=amount, void_reason=None)
     return hold
 
 
 async def void_hold(*, uow: UnitOfWork, tenant_id: str, hold_id: uuid.UUID, reason: str | None) -> Hold:
     hold = await _locked_hold(uow, tenant_id=tenant_id, hold_id=hold_id)
+    _not_a_payments(hold)
     await _resolve(uow, hold=hold, post_amount=None, void_reason=reason or "voided")
     return hold
 

@@ -324,7 +324,8 @@ async def _check_holds(conn: asyncpg.Connection, report: _Report) -> None:
                    min(t.kind) FILTER (WHERE t.kind IN ('hold_posted', 'hold_voided')) AS resolution,
                    sum(e.amount) FILTER (WHERE e.kind = 'pending' AND e.direction = 'debit') AS pending_amount,
                    min(e.account_id::text) FILTER (WHERE e.kind = 'pending' AND e.direction = 'debit') AS debit_account,
-                   min(e.account_id::text) FILTER (WHERE e.kind = 'pending' AND e.direction = 'credit') AS credit_account,
+                   min(e.account_id::text) FILTER (WHERE e.kind = 'pending' AND e.direction = 'credit')
+                       AS credit_account,
                    sum(e.amount) FILTER (WHERE e.kind = 'released' AND e.direction = 'debit') AS released,
                    sum(e.amount) FILTER (WHERE e.kind = 'posted' AND e.direction = 'debit'
                                            AND t.kind = 'hold_posted') AS posted
@@ -368,7 +369,8 @@ async def _check_holds(conn: asyncpg.Connection, report: _Report) -> None:
                 report.add("holds", f"{where}: row names resolution {row['resolved_transaction_id']}, the journal "
                                     f"{row['resolved_id']}")
             if (row["posted"] or 0) != row["amount_posted"]:
-                report.add("holds", f"{where}: row says {row['amount_posted']} posted, the journal {row['posted'] or 0}")
+                report.add("holds", f"{where}: row says {row['amount_posted']} posted, "
+                                    f"the journal {row['posted'] or 0}")
     async for row in _rows(conn, """
         WITH held AS (
             SELECT debit_account_id AS account_id, sum(amount) AS debits, 0 AS credits FROM holds

@@ -86,7 +86,8 @@ DDL = [
         CHECK ((kind IN ('hold_placed', 'hold_posted', 'hold_voided')) = (hold_id IS NOT NULL))
     )
     """,
-    "CREATE UNIQUE INDEX transactions_external_id ON transactions (tenant_id, external_id) WHERE external_id IS NOT NULL",
+    "CREATE UNIQUE INDEX transactions_external_id ON transactions (tenant_id, external_id) "
+    "WHERE external_id IS NOT NULL",
     # A transaction is reversed at most once; a hold is placed once and resolved once.
     "CREATE UNIQUE INDEX transactions_reversal ON transactions (reverses_id) WHERE reverses_id IS NOT NULL",
     "CREATE UNIQUE INDEX transactions_hold_placed ON transactions (hold_id) WHERE kind = 'hold_placed'",
@@ -251,8 +252,10 @@ DDL = [
         RETURN NEW;
     END $$
     """,
-    "CREATE TRIGGER holds_resolve_once BEFORE UPDATE OR DELETE ON holds FOR EACH ROW EXECUTE FUNCTION holds_resolve_once()",
-    "CREATE TRIGGER holds_no_truncate BEFORE TRUNCATE ON holds FOR EACH STATEMENT EXECUTE FUNCTION ledger_append_only()",
+    "CREATE TRIGGER holds_resolve_once BEFORE UPDATE OR DELETE ON holds "
+    "FOR EACH ROW EXECUTE FUNCTION holds_resolve_once()",
+    "CREATE TRIGGER holds_no_truncate BEFORE TRUNCATE ON holds "
+    "FOR EACH STATEMENT EXECUTE FUNCTION ledger_append_only()",
     # ── one decision per payment ───────────────────────────────────────────────────
     """
     CREATE TABLE payment_reservations (

@@ -109,6 +109,10 @@ async def test_an_approved_payment_reserves_funds_then_settles(flow):
     assert (placed["hold_id"], placed["account_id"], placed["counter_account_id"], placed["amount"],
             placed["currency"]) == (hold["id"], flow.customer["id"], transit["id"], 2_500, "EUR")
 
+    for action in ("post", "void"):  # the payment's outcome resolves it, nobody else
+        refused = await flow.api.post(f"/v1/ledger/holds/{hold['id']}/{action}")
+        assert refused.status_code == 409 and refused.json()["code"] == "hold_owned_by_payment"
+
     settled = flow.event("settled", "pay-1", processor_payment_id="pp-1", value_date="2025-01-31")
     await flow.send(settled)
     await flow.processed(settled)

@@ -57,7 +57,8 @@ async def test_an_unbalanced_journal_transaction_cannot_commit(sql, accounts):
     tenant = accounts["tenant"]
     with pytest.raises(asyncpg.CheckViolationError, match="does not balance in EUR"):
         async with sql.transaction():
-            await _write(sql, tenant, [(accounts["alice"], "debit", 100, "EUR"), (accounts["bob"], "credit", 99, "EUR")])
+            await _write(sql, tenant, [(accounts["alice"], "debit", 100, "EUR"),
+                                       (accounts["bob"], "credit", 99, "EUR")])
     with pytest.raises(asyncpg.CheckViolationError, match="at least 2 are required"):
         async with sql.transaction():
             await _write(sql, tenant, [(accounts["alice"], "debit", 100, "EUR")])

@@ -99,7 +99,7 @@ async def test_hold_requests_are_checked(api):
     past = await api.hold(alice["id"], shop["id"], 1, expires_at="2001-01-01T00:00:00Z")
     assert past.status_code == 422 and past.json()["code"] == "invalid_expiry"
     unknown = await api.hold(alice["id"], str(uuid.uuid4()), 1)
-    assert unknown.status_code == 404 and unknown.json()["errors"][0]["pointer"] == "/credit_account_id"
+    assert unknown.status_code == 404 and unknown.json()["errors"][0]["pointer"] == "/body/credit_account_id"
     missing = await api.post(f"/v1/ledger/holds/{uuid.uuid4()}/post")
     assert missing.status_code == 404 and missing.json()["code"] == "hold_not_found"
     other = await api.for_tenant("elsewhere").get(f"/v1/ledger/holds/{uuid.uuid4()}")

@@ -31,7 +31,7 @@ async def test_another_tenants_account_is_not_found(api):
     funding = await other.account()
     response = await other.transfer(funding["id"], account["id"], 5)
     assert response.status_code == 404 and response.json()["code"] == "account_not_found"
-    assert response.json()["errors"][0]["pointer"] == "/entries/1/account_id"
+    assert response.json()["errors"][0]["pointer"] == "/body/entries/1/account_id"
 
 
 async def test_a_balanced_transaction_moves_both_balances(api):
@@ -176,8 +176,11 @@ async def test_a_reversal_that_would_overdraw_is_refused(api):
 async def test_bulk_posting_is_all_or_nothing_by_default(api):
     alice, bob = await api.account(), await api.account()
     await api.fund(alice, 1_000)
-    item = lambda amount: {"entries": [{"account_id": alice["id"], "direction": "debit", "amount": amount},  # noqa: E731
-                                       {"account_id": bob["id"], "direction": "credit", "amount": amount}]}
+
+    def item(amount: int) -> dict:
+        return {"entries": [{"account_id": alice["id"], "direction": "debit", "amount": amount},
+                            {"account_id": bob["id"], "direction": "credit", "amount": amount}]}
+
     ok = await api.post("/v1/ledger/transactions/bulk", {"transactions": [item(100) for _ in range(5)]})
     assert ok.status_code == 201, ok.text
     assert ok.json()["posted"] == 5 and [d["index"] for d in ok.json()["data"]] == list(range(5))
@@ -202,14 +205,22 @@ async def test_bulk_refuses_an_external_id_used_twice(api):
     response = await api.post("/v1/ledger/transactions/bulk", {"transactions": [item, item]})
     assert response.status_code == 422 and response.json()["code"] == "duplicate_external_id"
     assert response.json()["index"] == 1
+    ghost = {"entries": [{"account_id": alice["id"], "direction": "debit", "amount": 1},
+                         {"account_id": str(uuid.uuid4()), "direction": "credit", "amount": 1}]}
+    response = await api.post("/v1/ledger/transactions/bulk", {"transactions": [ghost]})
+    assert response.status_code == 404 and response.json()["index"] == 0
+    assert response.json()["errors"][0]["pointer"] == "/body/transactions/0/entries/1/account_id"
+    response = await api.post("/v1/ledger/transactions/bulk", {"transactions": [dict(item, external_id="x"), ghost]})
+    assert response.json()["errors"][0]["pointer"] == "/body/transactions/1/entries/1/account_id"
 
 
 async def test_posting_events_are_stamped_like_every_other_event(api, sessionmaker):
     """Postings write their event rows in the journal's own statement; the kit's path
     writes the others. Both must stamp the same columns from the same context."""
     headers = {"x-correlation-id": "corr-stamps"}
-    opened = await api.http.post("/v1/ledger/accounts", json={"name": "x", "currency": "EUR", "normal_balance": "credit",
-                                                              "allow_negative": True},
+    opened = await api.http.post("/v1/ledger/accounts",
+                                 json={"name": "x", "currency": "EUR", "normal_balance": "credit",
+                                       "allow_negative": True},
                                  headers={**api.headers(), **headers})
     other = await api.account()
     posted = await api.http.post("/v1/ledger/transactions", json={"entries": [

@@ -190,3 +190,22 @@ async def test_hostile_query_values_are_refused_cleanly(api):
     for path, params, status in cases:
         response = await api.get(path, params)
         assert response.status_code == status, (path, params, response.text)
+
+
+async def test_an_unreachable_database_is_a_503_not_a_500(internal_keys):
+    from clearhouse.embedded import free_port
+    from services.ledger.api import create_app
+    from services.ledger.settings import Settings
+    from services.ledger.tests.integration.client import LedgerApi
+
+    app = create_app(Settings(database_url=f"postgresql://nobody@127.0.0.1:{free_port()}/nothing",
+                              INTERNAL_TOKEN_PUBLIC_KEY=internal_keys[1], db_pool_size=1))
+    try:
+        async with LedgerApi.connect(app, private_pem=internal_keys[0], tenant="t") as api:
+            for response in (await api.get(f"/v1/ledger/accounts/{uuid.uuid4()}/balance"),
+                             await api.post("/v1/ledger/accounts", {"name": "x", "currency": "EUR",
+                                                                    "normal_balance": "credit"}, key="k")):
+                assert response.status_code == 503, response.text
+                assert response.json()["code"] == "database_busy" and response.headers["retry-after"] == "1"
+    finally:
+        await app.state.engine.dispose()
