@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from sqlalchemy import text
 
 from clearhouse.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from clearhouse.provision import ServiceDatabase, provision_database
@@ -88,3 +89,26 @@ def bearer(private_pem: str, *, tenant_id: str, principal: str, scopes: list[str
     token = sign_internal_token(private_pem, tenant_id=tenant_id, principal=principal, scopes=list(scopes),
                                 request_id=uuid.uuid4().hex)
     return {"Authorization": f"Bearer {token}"}
+
+
+async def eventually(predicate, *, timeout: float = 30.0, interval: float = 0.05):
+    """Await `predicate()` until it returns something truthy (and return that), or fail
+    with its last answer: how tests wait for asynchronous effects, never with a sleep."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await predicate()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
+        await asyncio.sleep(interval)
+
+
+async def scalar(sessionmaker, sql: str, **params):
+    async with sessionmaker() as session:
+        return (await session.execute(text(sql), params)).scalar()
+
+
+async def rows(sessionmaker, sql: str, **params) -> list:
+    async with sessionmaker() as session:
+        return list(await session.execute(text(sql), params))

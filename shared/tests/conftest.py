@@ -14,6 +14,7 @@ from sqlalchemy import text
 from shared.db import make_engine, make_sessionmaker
 from shared.events import DomainEvent
 from shared.kafka import ensure_topics
+from shared.testing import eventually  # noqa: F401 (the kit tests import it from here)
 from shared.uow import run_in_transaction
 
 KIT_MIGRATIONS = Path(__file__).parent / "kit_migrations"
@@ -89,13 +90,3 @@ async def read_topic(bootstrap: str, topic: str, *, expect: int, timeout: float 
         await consumer.stop()
     return records
 
-
-async def eventually(predicate, *, timeout: float = 20.0, interval: float = 0.05):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = await predicate()
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
-        await asyncio.sleep(interval)

@@ -20,13 +20,12 @@ from typing import Any
 import httpx
 import uvicorn
 from aiokafka import AIOKafkaProducer
-from sqlalchemy import text
 
 from clearhouse.embedded import free_port
 from services.payments.settings import Settings
 from shared.envelope import StoredEvent, encode
 from shared.kafka import ensure_topics
-from shared.testing import bearer
+from shared.testing import bearer, eventually, rows, scalar  # noqa: F401 (the tests import them from here)
 
 WEBHOOK_SECRET = "whsec_" + "test" * 8
 PAYEE_KEYS = json.dumps({"k1": base64.b64encode(os.urandom(32)).decode()})
@@ -109,26 +108,6 @@ async def create_topics(settings: Settings) -> None:
     topics = [settings.approvals_topic, settings.ledger_topic]
     await ensure_topics(settings.kafka_bootstrap_servers, [*topics, *(f"{t}.dlq" for t in topics)], partitions=3)
 
-
-async def eventually(predicate, *, timeout: float = 20.0, interval: float = 0.05):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = await predicate()
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
-        await asyncio.sleep(interval)
-
-
-async def scalar(sessionmaker, sql: str, **params):
-    async with sessionmaker() as session:
-        return (await session.execute(text(sql), params)).scalar()
-
-
-async def rows(sessionmaker, sql: str, **params) -> list:
-    async with sessionmaker() as session:
-        return list(await session.execute(text(sql), params))
 
 
 # ── the whole payments side running: API on a socket, consumer, jobs, sandbox ──────

@@ -17,14 +17,13 @@ from typing import Any
 
 import httpx
 from aiokafka import AIOKafkaProducer
-from sqlalchemy import text
 
 from services.reconciliation import jobs
 from services.reconciliation.settings import Settings
 from shared.envelope import StoredEvent, encode
 from shared.kafka import ensure_topics
 from shared.money import format_minor
-from shared.testing import bearer
+from shared.testing import bearer, eventually, rows, scalar  # noqa: F401 (the tests import them from here)
 
 READ_WRITE = ("reconciliation:read", "reconciliation:write")
 _SEQ = itertools.count(1)
@@ -200,23 +199,3 @@ async def breaks_of(client: httpx.AsyncClient, private_pem: str, tenant: str, **
     assert response.status_code == 200, response.text
     return response.json()["data"]
 
-
-async def eventually(predicate, *, timeout: float = 30.0, interval: float = 0.05):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = await predicate()
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
-        await asyncio.sleep(interval)
-
-
-async def scalar(sessionmaker, sql: str, **params):
-    async with sessionmaker() as session:
-        return (await session.execute(text(sql), params)).scalar()
-
-
-async def rows(sessionmaker, sql: str, **params) -> list:
-    async with sessionmaker() as session:
-        return list(await session.execute(text(sql), params))
