@@ -8,7 +8,6 @@ import asyncio
 import json
 import re
 import uuid
-from pathlib import Path
 
 import asyncpg
 import httpx

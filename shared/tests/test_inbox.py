@@ -8,7 +8,6 @@ import contextlib
 import uuid
 from datetime import datetime, timezone
 
-import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy import text
 
