@@ -63,7 +63,7 @@ async def main(events: int, duplicates: float) -> None:
         engine = make_engine(db.app_url, pool_size=4)
         sessionmaker = make_sessionmaker(engine)
         consumer = Consumer(name="bench", service="bench", topics=[TOPIC], handlers={"counter.incremented.v1": apply},
-                            sessionmaker=sessionmaker, bootstrap=broker.bootstrap, batch_size=500)
+                            sessionmaker=sessionmaker, bootstrap=broker.bootstrap, batch_size=2000)
         stop = asyncio.Event()
         task = asyncio.create_task(consumer.run(stop))
         await consumer.ready.wait()
