@@ -24,7 +24,7 @@ MAX_MONEY_MINOR = 10**18
 
 # ISO 4217 list one (published 2026-01-01): every active code with a defined number of
 # minor units, funds codes included (CLF, UYW ...). Codes whose minor unit is "N.A."
-# (XAU, XAG, XPT, XPD, XDR, XSU, XUA, XBA-XBD, XTS, XXX) are not money we move.
+# (XAU, XAG, XPT, XPD, XDR, XSU, XUA, XBA-XBD, XTS and the "no currency" code) are not money we move.
 # Withdrawn codes (ANG -> XCG, BGN -> EUR, HRK, SLL, ZWL, CUC) are gone on purpose.
 CURRENCY_EXPONENTS: dict[str, int] = {
     "AED": 2, "AFN": 2, "ALL": 2, "AMD": 2, "AOA": 2, "ARS": 2, "AUD": 2, "AWG": 2, "AZN": 2,

@@ -133,7 +133,7 @@ def test_conversions_refuse_floats_and_unknown_currencies():
     with pytest.raises(TypeError):
         format_minor(12.0, "EUR")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        to_minor("1.00", "XXX")
+        to_minor("1.00", "XTS")
 
 
 @given(signed, signed, signed, currencies)

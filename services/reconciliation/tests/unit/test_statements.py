@@ -150,7 +150,7 @@ def test_latin1_exports_are_read():
 
 @pytest.mark.parametrize("body, code, line, column", [
     (b"value_date,amount,currency\n2026-03-02,1.00,EUR\n2026-03-02,12.3456,EUR\n", "too_many_decimals", 3, "amount"),
-    (b"value_date,amount,currency\n2026-03-02,1.00,XXX\n", "unknown_currency", 2, "currency"),
+    (b"value_date,amount,currency\n2026-03-02,1.00,XTS\n", "unknown_currency", 2, "currency"),
     (b"value_date,amount,currency\n2026-03-02,,EUR\n", "missing_amount", 2, "amount"),
     (b"value_date,amount,currency\n2026-03-02,\"1,250\",EUR\n", "ambiguous_amount", 2, "amount"),
     (b"value_date,amount,currency\n2026-02-30,1.00,EUR\n", "invalid_date", 2, "value_date"),
