@@ -237,8 +237,27 @@ def _now() -> datetime:
 # ── the payment order ────────────────────────────────────────────────────────────────
 
 
-class Payment(Aggregate):
+class _EventSourced(Aggregate):
+    """Payments and refunds change state only by recording an event and applying it, so
+    the row and a rebuild from the log cannot disagree."""
+
+    AGGREGATE: str
+    ID_KEY: str  # the payload field naming the aggregate
+
+    def _record(self, type_: str, payload: dict[str, Any], *, actor: str | None = None,
+                reason: str | None = None) -> None:
+        payload = {self.ID_KEY: str(self.id), **payload}
+        event = DomainEvent(type_, self.AGGREGATE, str(self.id), payload, tenant_id=self.tenant_id, actor=actor,
+                            reason=reason)
+        self._apply(type_, payload, event.occurred_at)
+        # The status after the event rides along, so the status history reads off the log.
+        payload["status"] = str(self.status)
+        self.record(event)
+
+
+class Payment(_EventSourced):
     AGGREGATE = "payment"
+    ID_KEY = "payment_id"
 
     def __init__(self, *, id: uuid.UUID, tenant_id: str) -> None:
         super().__init__()
@@ -439,16 +458,6 @@ class Payment(Aggregate):
             raise IllegalTransition(f"A payment that is {self.status} cannot become {target}.",
                                     payment_status=str(self.status))
 
-    def _record(self, type_: str, payload: dict[str, Any], *, actor: str | None = None,
-                reason: str | None = None) -> None:
-        payload = {"payment_id": str(self.id), **payload}
-        event = DomainEvent(type_, self.AGGREGATE, str(self.id), payload, tenant_id=self.tenant_id, actor=actor,
-                            reason=reason)
-        self._apply(type_, payload, event.occurred_at)
-        # The status after the event rides along, so the status history reads off the log.
-        payload["status"] = str(self.status)
-        self.record(event)
-
     def _apply(self, type_: str, payload: Mapping[str, Any], occurred_at: datetime) -> None:
         """The one place state changes: used when recording and when replaying."""
         kind = type_.rsplit(".", 1)[0]
@@ -498,8 +507,9 @@ class Payment(Aggregate):
 # ── refunds ──────────────────────────────────────────────────────────────────────────
 
 
-class Refund(Aggregate):
+class Refund(_EventSourced):
     AGGREGATE = "refund"
+    ID_KEY = "refund_id"
 
     def __init__(self, *, id: uuid.UUID, tenant_id: str) -> None:
         super().__init__()
@@ -570,15 +580,6 @@ class Refund(Aggregate):
                                     refund_status=str(self.status))
         self._record(type_, {"payment_id": str(self.payment_id), "amount": self.amount, "currency": self.currency,
                              **extra}, actor=actor, reason=reason)
-
-    def _record(self, type_: str, payload: dict[str, Any], *, actor: str | None = None,
-                reason: str | None = None) -> None:
-        payload = {"refund_id": str(self.id), **payload}
-        event = DomainEvent(type_, self.AGGREGATE, str(self.id), payload, tenant_id=self.tenant_id, actor=actor,
-                            reason=reason)
-        self._apply(type_, payload, event.occurred_at)
-        payload["status"] = str(self.status)
-        self.record(event)
 
     def _apply(self, type_: str, payload: Mapping[str, Any], occurred_at: datetime) -> None:
         kind = type_.rsplit(".", 1)[0]
