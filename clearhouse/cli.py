@@ -126,6 +126,9 @@ def cmd_events_catalogue(args) -> int:
 
 
 def cmd_test(args) -> int:
+    from clearhouse.sysdeps import ensure_test_tools
+
+    ensure_test_tools()
     # Per-test timeouts (pyproject) keep a hung broker from eating CI's budget.
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *(args.pytest_args or ["-q"])]
     return subprocess.call(command, cwd=ROOT)
