@@ -3,30 +3,32 @@ practice): a client may retry a POST with the same key and get the first answer 
 instead of a second effect.
 
 A key is scoped to (tenant, principal, method, path) and remembered with a fingerprint of
-the request body. The stored response is written by the use case's own transaction, so
-"effect committed" and "response remembered" are one fact:
+the request body. The key is guarded and its answer stored by the use case's own
+transaction, so "effect committed" and "response remembered" are one fact, and one
+commit:
 
-    claim (own tx)    INSERT in_flight, lock 60 s ──┐ row exists?
-      │                                             ├─ other body            → 422 idempotency_key_reused
-      │                                             ├─ completed             → stored answer, Idempotent-Replayed: true
-      │                                             ├─ in flight, locked     → 409 idempotency_key_in_flight
-      │                                             └─ in flight, lock over  → take it over (its holder died)
+    use case tx   try the key's advisory lock + read its row ──┐
+      │                                                        ├─ lock held elsewhere → 409 idempotency_key_in_flight
+      │                                                        ├─ row, other body     → 422 idempotency_key_reused
+      │                                                        └─ row                 → stored answer, Idempotent-Replayed: true
       ▼
-    use case (one tx) effect + events + UPDATE key → completed with status/body/headers, COMMIT
+    effect + events + INSERT the answer (ON CONFLICT DO NOTHING) ─┬─ inserted      → COMMIT
+                                                                  └─ someone else's → roll back, replay theirs
       ├─ DomainError 4xx    effect rolled back; the problem is stored as the answer (own tx)
-      └─ anything else      effect rolled back; the claim is released so a retry runs
+      └─ anything else      effect rolled back; no row, so a retry runs
 
-Only the holder of the claim's `lock_token` may complete it, so even a use case that
-outlives its lock cannot apply the effect twice. This module must never store a response
-whose effect did not commit, nor let two runs of a use case commit for one key.
+The advisory lock lives exactly as long as the transaction: a request that dies releases
+the key with its rollback, and no lease can expire under a slow one. The row is the only
+proof of completion, and the unique key makes the answer's INSERT the arbiter: a request
+whose snapshot missed a row committed an instant earlier finds that row at INSERT and
+rolls its effect back. This module must never store a response whose effect did not
+commit, nor let two runs of a use case commit for one key.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -44,13 +46,10 @@ from shared.auth import PrincipalDep
 from shared.errors import BadRequest, Conflict, DomainError, ValidationFailed, domain_error_response
 from shared.uow import UnitOfWork, run_in_transaction
 
-logger = logging.getLogger(__name__)
-
 T = TypeVar("T")
 
 KEY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
-LOCK_TTL = timedelta(seconds=60)
 MIN_RETENTION = timedelta(hours=24)  # the promise to clients: a retry within a day is safe
 _VALID_KEY = re.compile(r"[\x20-\x7e]{1,255}")
 # Headers that describe the bytes, recomputed by whoever sends the response.
@@ -70,10 +69,6 @@ class IdempotencyKeyReused(ValidationFailed):
 class IdempotencyKeyInFlight(Conflict):
     code = "idempotency_key_in_flight"
     title = "Idempotency-Key in flight"
-
-
-class _ClaimLost(Exception):
-    """Our lock expired and another request took the key over: our effect must roll back."""
 
 
 @dataclass(frozen=True)
@@ -136,41 +131,40 @@ def json_body(result: Any) -> Any:
 
 _PK = "tenant_id = :tenant_id AND principal = :principal AND method = :method AND path = :path AND key = :key"
 
-_INSERT_CLAIM = text(
+# One round trip: the key's transaction-scoped lock (namespaced apart from the event log's
+# per-aggregate locks) and whatever answer is stored. The lock is tried, never waited for:
+# a request still in flight is the client's concurrency bug, answered 409 at once.
+_GUARD = text(
+    f"""
+    SELECT pg_try_advisory_xact_lock(hashtextextended(:lock_key, 0)) AS locked,
+           k.request_hash, k.response_status, k.response_body, CAST(k.response_headers AS text) AS response_headers
+    FROM (VALUES (1)) AS one LEFT JOIN idempotency_keys AS k ON {_PK}
+    """
+)
+_STORE = text(
     """
     INSERT INTO idempotency_keys (tenant_id, principal, method, path, key, request_hash, status,
-                                  locked_until, lock_token)
-    VALUES (:tenant_id, :principal, :method, :path, :key, :request_hash, 'in_flight',
-            clock_timestamp() + make_interval(secs => :ttl), :token)
+                                  response_status, response_body, response_headers)
+    VALUES (:tenant_id, :principal, :method, :path, :key, :request_hash, 'completed',
+            :status, :body, CAST(:headers AS jsonb))
     ON CONFLICT DO NOTHING
     RETURNING true
     """
 )
-# FOR UPDATE: two requests racing to take over an expired claim queue here; the second sees
-# the first one's fresh lock. It also waits out a use case that is completing the key.
-_SELECT_EXISTING = text(
-    f"""
-    SELECT request_hash, status, response_status, response_body, CAST(response_headers AS text) AS response_headers,
-           locked_until > clock_timestamp() AS locked
-    FROM idempotency_keys WHERE {_PK} FOR UPDATE
-    """
-)
-_TAKE_OVER = text(
-    f"UPDATE idempotency_keys SET locked_until = clock_timestamp() + make_interval(secs => :ttl), "
-    f"lock_token = :token WHERE {_PK}"
-)
-_COMPLETE = text(
-    f"""
-    UPDATE idempotency_keys
-    SET status = 'completed', response_status = :status, response_body = :body,
-        response_headers = CAST(:headers AS jsonb), locked_until = NULL, lock_token = NULL
-    WHERE {_PK} AND status = 'in_flight' AND lock_token = :token
-    """
-)
-_RELEASE = text(f"DELETE FROM idempotency_keys WHERE {_PK} AND status = 'in_flight' AND lock_token = :token")
 
 
 # --- the flow ---------------------------------------------------------------------------
+
+
+class _Answered(Exception):
+    """The key already has an answer: roll the transaction back and give that answer."""
+
+    def __init__(self, stored: StoredResponse) -> None:
+        self.stored = stored
+
+
+class _AnsweredMeanwhile(Exception):
+    """Another request stored the key's answer after our read: our effect must roll back."""
 
 
 class Idempotency:
@@ -204,88 +198,71 @@ class Idempotency:
         if self.key is None:
             return respond(await run_in_transaction(sessionmaker, use_case)).to_response()
 
-        claim = await self._claim(sessionmaker)
-        if isinstance(claim, StoredResponse):
-            metrics.IDEMPOTENT_REPLAYS.labels(self.service_name).inc()
-            return claim.to_response(replayed=True)
-
-        async def use_case_and_record(uow: UnitOfWork) -> StoredResponse:
+        async def guarded_use_case(uow: UnitOfWork) -> StoredResponse:
+            await self._guard(uow.session)
             stored = respond(await use_case(uow))
-            if not await self._complete(uow.session, token=claim, stored=stored):
-                raise _ClaimLost
+            if not await self._store(uow.session, stored):
+                raise _AnsweredMeanwhile
             return stored
 
-        try:
-            stored = await run_in_transaction(sessionmaker, use_case_and_record)
-        except _ClaimLost:
-            raise IdempotencyKeyInFlight("Another request with this Idempotency-Key took over.",
-                                         headers={"Retry-After": "1"}) from None
-        except DomainError as exc:
-            if exc.status >= 500:
-                await self._release(sessionmaker, token=claim)
-                raise
-            return await self._remember_refusal(sessionmaker, token=claim, error=exc)
-        except Exception:
-            await self._release(sessionmaker, token=claim)
-            raise
-        return stored.to_response()
+        for _ in range(3):  # a second pass finds the answer that beat us to the INSERT
+            try:
+                return (await run_in_transaction(sessionmaker, guarded_use_case)).to_response()
+            except _Answered as answered:
+                metrics.IDEMPOTENT_REPLAYS.labels(self.service_name).inc()
+                return answered.stored.to_response(replayed=True)
+            except _AnsweredMeanwhile:
+                continue
+            except (IdempotencyKeyInFlight, IdempotencyKeyReused):
+                raise  # about the key, not an answer to the request: never stored
+            except DomainError as exc:
+                if exc.status >= 500:
+                    raise
+                return await self._remember_refusal(sessionmaker, error=exc)
+        raise IdempotencyKeyInFlight("The Idempotency-Key is changing hands; retry shortly.",
+                                     headers={"Retry-After": "1"})
 
     def _params(self, **more: Any) -> dict[str, Any]:
         scope = self.scope
         return {"tenant_id": scope.tenant_id, "principal": scope.principal, "method": scope.method,
                 "path": scope.path, "key": self.key, **more}
 
-    async def _claim(self, sessionmaker: async_sessionmaker[AsyncSession]) -> uuid.UUID | StoredResponse:
-        """A lock token if this request may run the use case, else the stored answer."""
-        ttl = LOCK_TTL.total_seconds()
-        for _ in range(3):  # a row can vanish between INSERT and SELECT only by a purge
-            token = uuid.uuid4()
-            async with sessionmaker() as session, session.begin():
-                claim_params = self._params(request_hash=self.fingerprint, ttl=ttl, token=token)
-                if (await session.execute(_INSERT_CLAIM, claim_params)).scalar():
-                    return token
-                row = (await session.execute(_SELECT_EXISTING, self._params())).one_or_none()
-                if row is None:
-                    continue
-                if row.request_hash != self.fingerprint:
-                    self._refuse("reused")
-                    raise IdempotencyKeyReused(
-                        "This Idempotency-Key was already used with a different request body.")
-                if row.status == "completed":
-                    return StoredResponse(row.response_status, bytes(row.response_body),
-                                          json.loads(row.response_headers))
-                if row.locked:
-                    self._refuse("in_flight")
-                    raise IdempotencyKeyInFlight(
-                        "A request with this Idempotency-Key is still being processed; retry shortly.",
-                        headers={"Retry-After": "1"})
-                # The holder died: its effect rolled back with it, so running again is safe.
-                await session.execute(_TAKE_OVER, self._params(ttl=ttl, token=token))
-                return token
-        raise IdempotencyKeyInFlight("The Idempotency-Key is changing hands; retry shortly.",
-                                     headers={"Retry-After": "1"})
+    async def _guard(self, session: AsyncSession) -> None:
+        """Hold the key for this transaction, or raise: 409 in flight, 422 reused, or the
+        stored answer."""
+        scope = self.scope
+        lock_key = f"idempotency:{scope.tenant_id}:{scope.principal}:{scope.method}:{scope.path}:{self.key}"
+        row = (await session.execute(_GUARD, self._params(lock_key=lock_key))).one()
+        if row.request_hash is not None and row.request_hash != self.fingerprint:
+            self._refuse("reused")
+            raise IdempotencyKeyReused("This Idempotency-Key was already used with a different request body.")
+        if row.response_status is not None:
+            raise _Answered(StoredResponse(row.response_status, bytes(row.response_body),
+                                           json.loads(row.response_headers)))
+        if not row.locked:
+            self._refuse("in_flight")
+            raise IdempotencyKeyInFlight(
+                "A request with this Idempotency-Key is still being processed; retry shortly.",
+                headers={"Retry-After": "1"})
 
-    async def _complete(self, session: AsyncSession, *, token: uuid.UUID, stored: StoredResponse) -> bool:
-        result = await session.execute(_COMPLETE, self._params(
-            token=token, status=stored.status, body=stored.body, headers=orjson.dumps(stored.headers).decode()))
-        return result.rowcount == 1
+    async def _store(self, session: AsyncSession, stored: StoredResponse) -> bool:
+        result = await session.execute(_STORE, self._params(
+            request_hash=self.fingerprint, status=stored.status, body=stored.body,
+            headers=orjson.dumps(stored.headers).decode()))
+        return result.scalar() is not None
 
-    async def _remember_refusal(
-        self, sessionmaker: async_sessionmaker[AsyncSession], *, token: uuid.UUID, error: DomainError
-    ) -> Response:
-        """A 4xx is the answer to this request too: a retry gets the same refusal."""
+    async def _remember_refusal(self, sessionmaker: async_sessionmaker[AsyncSession], *, error: DomainError) -> Response:
+        """A 4xx is the answer to this request too: a retry gets the same refusal. If another
+        request with the key answered meanwhile, its answer is the key's answer."""
         stored = StoredResponse.of(domain_error_response(error))
         async with sessionmaker() as session, session.begin():
-            await self._complete(session, token=token, stored=stored)
-        return stored.to_response()
-
-    async def _release(self, sessionmaker: async_sessionmaker[AsyncSession], *, token: uuid.UUID) -> None:
-        try:
-            async with sessionmaker() as session, session.begin():
-                await session.execute(_RELEASE, self._params(token=token))
-        except Exception:  # the original error matters more; the lock expires by itself
-            logger.warning("could not release Idempotency-Key claim; it frees itself when its lock expires",
-                           exc_info=True)
+            if await self._store(session, stored):
+                return stored.to_response()
+            row = (await session.execute(text(
+                f"SELECT response_status, response_body, CAST(response_headers AS text) AS response_headers "
+                f"FROM idempotency_keys WHERE {_PK}"), self._params())).one()
+        return StoredResponse(row.response_status, bytes(row.response_body),
+                              json.loads(row.response_headers)).to_response(replayed=True)
 
     def _refuse(self, reason: str) -> None:
         metrics.IDEMPOTENCY_CONFLICTS.labels(self.service_name, reason).inc()

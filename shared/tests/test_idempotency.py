@@ -207,52 +207,73 @@ async def test_keys_are_scoped_by_principal(app, database):
     assert await counter_value(database[2], "scoped") == 2
 
 
-async def insert_in_flight(sessionmaker, *, counter: str, key: str, lock_offset_s: float, body: dict) -> None:
-    """A claim as a request that is still running (or died) leaves it."""
-    async with sessionmaker() as session, session.begin():
-        await session.execute(text(
-            "INSERT INTO idempotency_keys (tenant_id, principal, method, path, key, request_hash, status, "
-            "locked_until, lock_token) VALUES ('t1', 'alice', 'POST', :path, :key, :hash, 'in_flight', "
-            "clock_timestamp() + make_interval(secs => :offset), gen_random_uuid())"),
-            {"path": f"/counters/{counter}/increments", "key": key, "offset": lock_offset_s,
-             "hash": request_fingerprint(json.dumps(body).encode())})
+async def test_a_request_in_flight_holds_the_key_until_it_commits(app, database):
+    """While the first request's transaction is open a retry is told to wait (409 with
+    Retry-After); once it committed, the retry gets its answer."""
+    DELAYS["busy"] = 0.6
+    try:
+        async with client(app) as http:
+            first = asyncio.create_task(post(http, "busy", key="k-busy"))
+            await asyncio.sleep(0.3)
+            during = await post(http, "busy", key="k-busy")
+            done = await first
+            after = await post(http, "busy", key="k-busy")
+    finally:
+        DELAYS.pop("busy")
+    assert during.status_code == 409 and during.headers["retry-after"] == "1"
+    assert during.json()["code"] == "idempotency_key_in_flight"
+    assert done.status_code == 201 and "idempotent-replayed" not in done.headers
+    assert after.headers["idempotent-replayed"] == "true" and after.json() == done.json()
+    assert await counter_value(database[2], "busy") == 1
 
 
-async def test_a_live_claim_answers_409_with_retry_after(app, database):
-    await insert_in_flight(database[2], counter="busy", key="k-busy", lock_offset_s=30, body={"by": 1})
-    async with client(app) as http:
-        response = await post(http, "busy", key="k-busy")
-    assert response.status_code == 409 and response.headers["retry-after"] == "1"
-    assert response.json()["code"] == "idempotency_key_in_flight"
-    assert await counter_value(database[2], "busy") is None
-
-
-async def test_an_expired_claim_is_taken_over(app, database):
-    await insert_in_flight(database[2], counter="orphan", key="k-orphan", lock_offset_s=-1, body={"by": 1})
-    async with client(app) as http:
-        taken_over = await post(http, "orphan", key="k-orphan")
-        replayed = await post(http, "orphan", key="k-orphan")
-    assert taken_over.status_code == 201 and taken_over.json()["value"] == 1
-    assert replayed.headers["idempotent-replayed"] == "true"
-    assert await counter_value(database[2], "orphan") == 1
-
-
-async def test_a_holder_that_lost_its_claim_cannot_commit_its_effect(app, database):
-    """The first request outlives its lock; a retry takes over. Only one effect survives."""
+async def test_a_holder_killed_mid_transaction_frees_the_key(app, database, platform):
+    """The server ends the first request's session mid-flight (as a crash would): its
+    effect rolls back, its lock goes with it, and the retry runs once."""
     sessionmaker = database[2]
-    DELAYS["slow"] = 1.0
-    async with client(app) as http:
-        slow = asyncio.create_task(post(http, "slow", key="k-slow"))
-        await asyncio.sleep(0.3)
-        async with sessionmaker() as session, session.begin():  # as if 60 s had passed
-            await session.execute(text("UPDATE idempotency_keys SET locked_until = clock_timestamp() - interval '1s' "
-                                       "WHERE key = 'k-slow'"))
-        DELAYS.pop("slow")
-        retry = await post(http, "slow", key="k-slow")
-        first = await slow
-    assert first.status_code == 409 and first.json()["code"] == "idempotency_key_in_flight"
-    assert retry.status_code == 201 and retry.json()["value"] == 1
-    assert await counter_value(sessionmaker, "slow") == 1
+    DELAYS["killed"] = 1.0
+    try:
+        async with client(app) as http:
+            first = asyncio.create_task(post(http, "killed", key="k-killed"))
+            await asyncio.sleep(0.4)
+            async with sessionmaker() as session, session.begin():
+                killed = (await session.execute(text(
+                    "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l "
+                    "WHERE l.locktype = 'advisory' AND l.granted AND l.pid <> pg_backend_pid()"))).scalar()
+            crashed = await first
+            DELAYS.pop("killed")
+            retried = await post(http, "killed", key="k-killed")
+    finally:
+        DELAYS.pop("killed", None)
+    assert killed == 1
+    assert crashed.status_code >= 500
+    assert retried.status_code == 201 and retried.json()["value"] == 1
+    assert await counter_value(sessionmaker, "killed") == 1
+
+
+async def test_an_answer_stored_by_another_request_wins_over_ours(app, database):
+    """A request whose read missed an answer committed an instant earlier must not commit a
+    second effect: the stored answer is the key's answer."""
+    sessionmaker = database[2]
+    DELAYS["late"] = 0.5
+    try:
+        async with client(app) as http:
+            late = asyncio.create_task(post(http, "late", key="k-late"))
+            await asyncio.sleep(0.25)
+            # As if another request had answered after our read: the row appears under us.
+            async with sessionmaker() as session, session.begin():
+                await session.execute(text(
+                    "INSERT INTO idempotency_keys (tenant_id, principal, method, path, key, request_hash, status, "
+                    "response_status, response_body, response_headers) VALUES ('t1', 'alice', 'POST', :path, "
+                    "'k-late', :hash, 'completed', 201, :body, '{\"content-type\": \"application/json\"}')"),
+                    {"path": "/counters/late/increments", "hash": request_fingerprint(json.dumps({"by": 1}).encode()),
+                     "body": b'{"counter": "late", "value": 41}'})
+            answer = await late
+    finally:
+        DELAYS.pop("late")
+    assert answer.status_code == 201 and answer.json() == {"counter": "late", "value": 41}
+    assert answer.headers["idempotent-replayed"] == "true"
+    assert await counter_value(sessionmaker, "late") is None
 
 
 async def test_purge_forgets_only_old_keys(database):
