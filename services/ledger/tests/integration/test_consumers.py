@@ -12,12 +12,17 @@ from datetime import datetime, timezone
 import pytest
 from aiokafka import AIOKafkaProducer
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from services.ledger.consumers import PAYMENTS_TOPIC, build_consumers
 from services.ledger.schemas import EVENT_SCHEMAS
+from services.ledger.service import expire_holds
+from shared.db import async_url
 from shared.envelope import StoredEvent, encode
 from shared.kafka import ensure_topics
 from shared.relay import Relay
+from shared.uow import run_in_transaction
 from shared.tests.conftest import eventually, read_topic
 
 
@@ -127,6 +132,37 @@ async def test_an_approved_payment_reserves_funds_then_settles(flow):
     assert posted["payment_id"] == "pay-1" and posted["entries"] == [
         {"account_id": flow.customer["id"], "direction": "debit", "amount": 2_500, "currency": "EUR"},
         {"account_id": transit["id"], "direction": "credit", "amount": 2_500, "currency": "EUR"}]
+
+
+async def test_a_payments_hold_never_expires(flow, ledger_db):
+    """Only the payment's outcome may release its hold: the expiry job, however late it
+    runs, leaves it pending, and the database refuses to give it an expiry at all."""
+    approved = flow.event("approved", "pay-forever", approval_id="ap-forever")
+    await flow.send(approved)
+    await flow.processed(approved)
+    [hold] = await flow.holds("pay-forever")
+    assert hold["status"] == "pending" and hold["expires_at"] is None
+
+    await run_in_transaction(flow.sessionmaker, lambda uow: expire_holds(uow=uow, limit=10_000))
+    [hold] = await flow.holds("pay-forever")
+    assert hold["status"] == "pending"
+
+    owner = create_async_engine(async_url(ledger_db.owner_url))
+    try:
+        async with owner.begin() as conn:
+            with pytest.raises(IntegrityError, match="only its resolution may change"):
+                await conn.execute(text("UPDATE holds SET expires_at = now() - interval '1 day' WHERE id = :id"),
+                                   {"id": hold["id"]})
+        async with owner.begin() as conn:
+            with pytest.raises(IntegrityError, match="holds_payment_never_expires"):
+                # The same hold for another payment, with an expiry: refused on the way in.
+                await conn.execute(text(
+                    "INSERT INTO holds SELECT gen_random_uuid(), tenant_id, debit_account_id, credit_account_id, "
+                    "currency, amount, amount_posted, status, 'pay-other', description, now() + interval '1 day', "
+                    "placed_transaction_id, resolved_transaction_id, void_reason, created_at, resolved_at "
+                    "FROM holds WHERE id = :id"), {"id": hold["id"]})
+    finally:
+        await owner.dispose()
 
 
 async def test_a_payment_beyond_the_funds_is_rejected_by_event(flow, sessionmaker):
