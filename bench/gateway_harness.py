@@ -153,11 +153,25 @@ class Connection:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         return cls(port, reader, writer)
 
+    async def _reconnect(self) -> None:
+        self.writer.close()
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+
     async def exchange(self, request: bytes) -> tuple[int, bytes]:
-        if self.writer.is_closing():
-            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        # A pooled connection may have idled past the server's keep-alive timeout (uvicorn:
+        # 5 s) and been closed by it, as any HTTP client's pool must expect: reconnect, and
+        # resend once if the server closed it before answering a byte.
+        if self.writer.is_closing() or self.reader.at_eof():
+            await self._reconnect()
         self.writer.write(request)
-        head = await self.reader.readuntil(b"\r\n\r\n")
+        try:
+            head = await self.reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionResetError) as exc:
+            if getattr(exc, "partial", b""):
+                raise
+            await self._reconnect()
+            self.writer.write(request)
+            head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.split(b"\r\n")
         status = int(lines[0].split(b" ", 2)[1])
         length, chunked, closing = None, False, False
