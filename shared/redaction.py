@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 REDACTED = "[REDACTED]"
@@ -83,9 +84,14 @@ def scrub_text(text: str) -> str:
 
     Free text (a log message, an exception, a span status) has no keys to go by, so only
     patterns that identify sensitive data on their own are handled here."""
-    text = _SQL_PARAMETERS.sub("[parameters: hidden]", text)
-    text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
-    text = _SECRET_ASSIGNMENT.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
+    # Each pattern runs only where its anchor occurs: every span attribute and log line
+    # passes through here, and most contain none of them.
+    if "[parameters: " in text:
+        text = _SQL_PARAMETERS.sub("[parameters: hidden]", text)
+    if "://" in text:
+        text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
+    if "=" in text:
+        text = _SECRET_ASSIGNMENT.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
     return _IBAN_IN_TEXT.sub(_mask_iban_match, text)
 
 
@@ -109,6 +115,7 @@ def redact(value: Any, key: str | None = None, *, in_person: bool = False) -> An
     return value
 
 
+@lru_cache(maxsize=4096)  # keys are field and attribute names: few, and asked about on every span
 def masker_for(key: str | None, *, in_person: bool = False):
     """The masking function for a field named `key`, or None when the name is harmless.
 

@@ -22,7 +22,6 @@ never break the work it observes: export failures are logged, not raised.
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import re
@@ -34,11 +33,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import orjson
-from google.protobuf.json_format import MessageToDict
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import (
     SERVICE_INSTANCE_ID,
     SERVICE_NAME,
@@ -58,6 +54,7 @@ from opentelemetry.trace import SpanKind, Status
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from shared import redaction
+from shared.otlp_json import encode_otlp_json
 from shared.logs import setup_logging, uvicorn_log_config
 
 __all__ = [
@@ -263,32 +260,6 @@ def _append(path: Path, data: bytes) -> None:
             view = view[os.write(fd, view):]
     finally:
         os.close(fd)
-
-
-def encode_otlp_json(spans: Sequence[ReadableSpan]) -> bytes:
-    """Spans as one OTLP/JSON ExportTraceServiceRequest.
-
-    The protobuf encoder is the one the OTLP exporter uses, so the content matches what a
-    collector receives; OTLP/JSON then differs from protobuf's JSON mapping in two ways:
-    ids are hex rather than base64, and enums are integers."""
-    document = MessageToDict(encode_spans(spans), use_integers_for_enums=True)
-    for span in _each_span(document):
-        _hex_ids(span)
-        for link in span.get("links", ()):
-            _hex_ids(link)
-    return orjson.dumps(document)
-
-
-def _each_span(document: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    for resource_spans in document.get("resourceSpans", ()):
-        for scope_spans in resource_spans.get("scopeSpans", ()):
-            yield from scope_spans.get("spans", ())
-
-
-def _hex_ids(item: dict[str, Any]) -> None:
-    for key in ("traceId", "spanId", "parentSpanId"):
-        if item.get(key):
-            item[key] = base64.b64decode(item[key]).hex()
 
 
 # --- redaction of exported spans ---------------------------------------------------------
