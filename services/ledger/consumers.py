@@ -7,9 +7,12 @@
     payment.failed.v1     → void the hold                    → ledger.hold.voided.v1
     payment.cancelled.v1  → void the hold                    → ledger.hold.voided.v1
     (before any hold)     → nothing moves                    → ledger.hold.skipped.v1
+    payment.refunded.v1   → refund back to the customer, out of payouts_in_transit
+                                                             → ledger.transaction.posted.v1 (kind payment_refund)
 
 Idempotent twice over: the inbox skips an event id it has applied, and each payment has
-one immutable decision row, so a redelivery under another id cannot move money twice.
+one immutable decision row (and each refund one row), so a redelivery under another id
+cannot move money twice.
 A payload the ledger cannot apply (missing tenant or fields, a settlement above the
 hold) raises: it is retried, then parked in payments.events.dlq for a person.
 
@@ -26,7 +29,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from services.ledger import service
-from services.ledger.schemas import PaymentApproved, PaymentClosed, PaymentSettled
+from services.ledger.schemas import PaymentApproved, PaymentClosed, PaymentRefunded, PaymentSettled
 from shared import context
 from shared.envelope import InboundEvent
 from shared.inbox import Consumer
@@ -74,6 +77,16 @@ async def on_payment_settled(uow: UnitOfWork, event: InboundEvent) -> None:
     log.info("payment %s settled: %s", payment.payment_id, outcome, extra={"payment_id": payment.payment_id})
 
 
+async def on_payment_refunded(uow: UnitOfWork, event: InboundEvent) -> None:
+    refund = _payload(PaymentRefunded, event)
+    try:
+        outcome = await service.refund_payment(uow=uow, tenant_id=_tenant(event), event_id=event.id, refund=refund)
+    except service.PaymentContractViolation as exc:
+        raise UnusableEvent(str(exc)) from None
+    log.info("payment %s refund %s: %s", refund.payment_id, refund.refund_id, outcome,
+             extra={"payment_id": refund.payment_id})
+
+
 async def _on_payment_closed(uow: UnitOfWork, event: InboundEvent, *, cancelled: bool) -> None:
     payment = _payload(PaymentClosed, event)
     outcome = await service.close_payment(uow=uow, tenant_id=_tenant(event), event_id=event.id, payment=payment,
@@ -95,6 +108,7 @@ HANDLERS = {
     "payment.settled.v1": on_payment_settled,
     "payment.failed.v1": on_payment_failed,
     "payment.cancelled.v1": on_payment_cancelled,
+    "payment.refunded.v1": on_payment_refunded,
 }
 
 

@@ -63,6 +63,7 @@ class TransactionKind(StrEnum):
     HOLD_PLACED = "hold_placed"
     HOLD_POSTED = "hold_posted"
     HOLD_VOIDED = "hold_voided"
+    PAYMENT_REFUND = "payment_refund"  # money a refunded payment gives back to its customer
 
 
 class HoldStatus(StrEnum):

@@ -619,3 +619,28 @@ async def insert_reservation(
         "tenant_id": tenant_id, "payment_id": payment_id, "outcome": outcome, "hold_id": hold_id, "reason": reason,
         "event_id": event_id})
     return result.first() is not None
+
+
+# ── payment refunds ─────────────────────────────────────────────────────────────────
+
+
+async def get_refund(session: AsyncSession, *, tenant_id: str, refund_id: str) -> uuid.UUID | None:
+    """The transaction that posted this refund, if any."""
+    return (await session.execute(text(
+        "SELECT transaction_id FROM payment_refunds WHERE tenant_id = :tenant_id AND refund_id = :refund_id"),
+        {"tenant_id": tenant_id, "refund_id": refund_id})).scalar()
+
+
+async def refunded_amount(session: AsyncSession, *, tenant_id: str, payment_id: str) -> int:
+    return (await session.execute(text(
+        "SELECT coalesce(sum(amount), 0) FROM payment_refunds WHERE tenant_id = :tenant_id AND payment_id = :payment_id"),
+        {"tenant_id": tenant_id, "payment_id": payment_id})).scalar_one()
+
+
+async def insert_refund(session: AsyncSession, *, tenant_id: str, refund_id: str, payment_id: str,
+                        transaction_id: uuid.UUID, amount: int, event_id: uuid.UUID) -> None:
+    await session.execute(text(
+        "INSERT INTO payment_refunds (tenant_id, refund_id, payment_id, transaction_id, amount, event_id) "
+        "VALUES (:tenant_id, :refund_id, :payment_id, :transaction_id, :amount, :event_id)"),
+        {"tenant_id": tenant_id, "refund_id": refund_id, "payment_id": payment_id, "transaction_id": transaction_id,
+         "amount": amount, "event_id": event_id})

@@ -303,6 +303,7 @@ class TransactionPostedV1(BaseModel):
     kind: str
     reverses_id: str | None
     hold_id: str | None
+    refund_id: str | None = Field(default=None, description="Present for a payment refund's transaction")
     hash: str
 
 
@@ -381,6 +382,13 @@ class PaymentApproved(_Inbound):
 
 class PaymentSettled(_Inbound):
     payment_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    amount: AmountMinor
+    currency: Annotated[str, StringConstraints(min_length=1, max_length=16)]
+
+
+class PaymentRefunded(_Inbound):
+    payment_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    refund_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
     amount: AmountMinor
     currency: Annotated[str, StringConstraints(min_length=1, max_length=16)]
 

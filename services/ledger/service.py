@@ -16,6 +16,7 @@ Use cases never commit, never catch a database error they cannot name, and refus
 from __future__ import annotations
 
 import base64
+import collections
 import binascii
 import logging
 import os
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from prometheus_client import Counter
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -38,13 +40,18 @@ from services.ledger.domain import (
     hold_skipped_event, reversal_legs, transaction_posted_event,
 )
 from services.ledger.schemas import (
-    AccountCreate, HoldCreate, PaymentApproved, PaymentClosed, PaymentSettled, ReversalCreate, TransactionCreate,
+    AccountCreate, HoldCreate, PaymentApproved, PaymentClosed, PaymentRefunded, PaymentSettled, ReversalCreate,
+    TransactionCreate,
 )
 from shared.errors import BadRequest, Conflict, DomainError, NotFound, ValidationFailed, problem_body
 from shared.money import CURRENCY_EXPONENTS
 from shared.uow import UnitOfWork
 
 log = logging.getLogger(__name__)
+
+# Postings per second on the dashboards, by TransactionKind.
+TRANSACTIONS_POSTED = Counter("clearhouse_ledger_transactions_posted_total",
+                              "Journal transactions committed, by kind", ["kind"])
 
 SYSTEM_ACCOUNTS = {
     # code: (normal balance, why it exists)
@@ -307,6 +314,14 @@ def _violated_constraint(exc: IntegrityError) -> str | None:
     return None
 
 
+async def _write_postings(uow: UnitOfWork, *, transactions: Sequence[Transaction], **kwargs) -> None:
+    """Every journal write goes through here, so postings per second are counted once, and
+    only for transactions that committed."""
+    await repository.write_postings(uow.session, transactions=transactions, **kwargs)
+    kinds = collections.Counter(t.kind.value for t in transactions)
+    uow.after_commit(lambda: [TRANSACTIONS_POSTED.labels(kind).inc(n) for kind, n in kinds.items()])
+
+
 async def _post(uow: UnitOfWork, *, tenant_id: str, postings: Sequence[Posting], atomic: bool,
                 bulk: bool = False) -> list[Outcome]:
     """Post each posting against the locked accounts in order. Atomic: the first refusal
@@ -353,7 +368,7 @@ async def _post(uow: UnitOfWork, *, tenant_id: str, postings: Sequence[Posting],
         # transaction, as write_postings requires.
         events = [event for t in posted if (event := transaction_posted_event(t)) is not None]
         try:
-            await repository.write_postings(uow.session, tenant_id=tenant_id, transactions=posted,
+            await _write_postings(uow, tenant_id=tenant_id, transactions=posted,
                                             accounts=book.changed(), events=events)
         except IntegrityError as exc:
             # Only a concurrent writer can get here (the pre-checks passed): name it.
@@ -464,7 +479,7 @@ async def _place(uow: UnitOfWork, *, hold: Hold, asserted_currency: str | None) 
     transaction = book.post(transaction_id=new_id(), tenant_id=hold.tenant_id, kind=TransactionKind.HOLD_PLACED,
                             legs=legs, description=hold.description, hold_id=hold.id, payment_id=hold.payment_id)
     hold.placed(transaction)
-    await repository.write_postings(uow.session, tenant_id=hold.tenant_id, transactions=[transaction],
+    await _write_postings(uow, tenant_id=hold.tenant_id, transactions=[transaction],
                                     accounts=book.changed())
     await repository.insert_hold(uow.session, hold)
     uow.track(hold)
@@ -501,7 +516,7 @@ def _resolve_in(book: Book, uow: UnitOfWork, *, hold: Hold, post_amount: int | N
 async def _resolve(uow: UnitOfWork, *, hold: Hold, post_amount: int | None, void_reason: str | None) -> Transaction:
     book = await _lock_book(uow, tenant_id=hold.tenant_id, account_ids=[hold.debit_account_id, hold.credit_account_id])
     transaction = _resolve_in(book, uow, hold=hold, post_amount=post_amount, void_reason=void_reason)
-    await repository.write_postings(uow.session, tenant_id=hold.tenant_id, transactions=[transaction],
+    await _write_postings(uow, tenant_id=hold.tenant_id, transactions=[transaction],
                                     accounts=book.changed())
     await repository.resolve_hold(uow.session, hold)
     return transaction
@@ -572,7 +587,7 @@ async def expire_holds(*, uow: UnitOfWork, limit: int = 100) -> int:
             a for h in tenant_holds for a in (h.debit_account_id, h.credit_account_id)])
         transactions = [_resolve_in(book, uow, hold=hold, post_amount=None, void_reason="expired", expired=True)
                         for hold in tenant_holds]
-        await repository.write_postings(uow.session, tenant_id=tenant_id, transactions=transactions,
+        await _write_postings(uow, tenant_id=tenant_id, transactions=transactions,
                                         accounts=book.changed())
         for hold in tenant_holds:
             await repository.resolve_hold(uow.session, hold)
@@ -667,6 +682,42 @@ async def settle_payment(*, uow: UnitOfWork, tenant_id: str, event_id: uuid.UUID
             f"payment {payment.payment_id} settled {payment.amount} {payment.currency} but its hold {hold.id} "
             f"reserves {hold.amount} {hold.currency}")
     await _resolve(uow, hold=hold, post_amount=payment.amount, void_reason=None)
+    return "posted"
+
+
+async def refund_payment(*, uow: UnitOfWork, tenant_id: str, event_id: uuid.UUID, refund: PaymentRefunded) -> str:
+    """`payment.refunded`: the refunded amount goes back to the customer's account, out of
+    payouts_in_transit (the mirror of the settlement's posting, for that amount). Posted
+    once per refund id, whatever is redelivered; never more than the payment posted."""
+    await _lock_payment(uow, tenant_id=tenant_id, payment_id=refund.payment_id)
+    if await repository.get_refund(uow.session, tenant_id=tenant_id, refund_id=refund.refund_id) is not None:
+        return "already_posted"
+    reservation = await repository.get_reservation(uow.session, tenant_id=tenant_id, payment_id=refund.payment_id)
+    hold = await repository.get_hold(uow.session, tenant_id=tenant_id, hold_id=reservation.hold_id) \
+        if reservation is not None and reservation.hold_id is not None else None
+    if hold is None or hold.status is not HoldStatus.POSTED:
+        raise PaymentContractViolation(
+            f"payment {refund.payment_id} refunded {refund.amount} {refund.currency}, but the ledger posted no "
+            f"settlement for it (hold {'absent' if hold is None else hold.status})")
+    refunded = await repository.refunded_amount(uow.session, tenant_id=tenant_id, payment_id=refund.payment_id)
+    if refund.currency != hold.currency or refunded + refund.amount > hold.amount_posted:
+        raise PaymentContractViolation(
+            f"payment {refund.payment_id} refunded {refund.amount} {refund.currency} after {refunded}, but its "
+            f"settlement posted {hold.amount_posted} {hold.currency}")
+    customer, transit = hold.debit_account_id, hold.credit_account_id
+    book = await _lock_book(uow, tenant_id=tenant_id, account_ids=[customer, transit])
+    transaction = book.post(
+        transaction_id=new_id(), tenant_id=tenant_id, kind=TransactionKind.PAYMENT_REFUND,
+        legs=[Leg(transit, Direction.DEBIT, refund.amount, EntryKind.POSTED, hold.currency),
+              Leg(customer, Direction.CREDIT, refund.amount, EntryKind.POSTED, hold.currency)],
+        description=f"Refund {refund.refund_id} of payment {refund.payment_id}", payment_id=refund.payment_id)
+    event = transaction_posted_event(transaction)
+    event.payload["refund_id"] = refund.refund_id
+    await _write_postings(uow, tenant_id=tenant_id, transactions=[transaction], accounts=book.changed(),
+                          events=[event])
+    await repository.insert_refund(uow.session, tenant_id=tenant_id, refund_id=refund.refund_id,
+                                   payment_id=refund.payment_id, transaction_id=transaction.id,
+                                   amount=refund.amount, event_id=event_id)
     return "posted"
 
 

@@ -394,6 +394,24 @@ async def _check_holds(conn: asyncpg.Connection, report: _Report) -> None:
            OR (h.id IS NOT NULL AND r.hold_id IS DISTINCT FROM h.id)"""):
         report.add("reservations", f"payment {row['payment_id']} (tenant {row['tenant_id']}): reservation "
                                    f"{row['outcome']} names hold {row['reserved_hold']}, holds say {row['hold_id']}")
+    # A refund gives back at most what the payment's settlement posted, and each refund
+    # transaction is one refund row (the row is what keeps a refund from posting twice).
+    async for row in _rows(conn, """
+        SELECT coalesce(r.tenant_id, t.tenant_id) AS tenant_id, coalesce(r.payment_id, t.payment_id) AS payment_id,
+               r.refund_id, t.id AS transaction_id, t.payment_id AS transaction_payment
+        FROM payment_refunds r
+        FULL JOIN (SELECT id, tenant_id, payment_id FROM transactions WHERE kind = 'payment_refund') t
+               ON t.id = r.transaction_id
+        WHERE r.refund_id IS NULL OR t.id IS NULL OR t.payment_id IS DISTINCT FROM r.payment_id"""):
+        report.add("refunds", f"payment {row['payment_id']} (tenant {row['tenant_id']}): refund {row['refund_id']} "
+                              f"and refund transaction {row['transaction_id']} do not match one to one")
+    async for row in _rows(conn, """
+        SELECT r.tenant_id, r.payment_id, sum(r.amount) AS refunded, max(h.amount_posted) AS posted
+        FROM payment_refunds r
+        LEFT JOIN holds h ON h.tenant_id = r.tenant_id AND h.payment_id = r.payment_id AND h.status = 'posted'
+        GROUP BY 1, 2 HAVING sum(r.amount) > coalesce(max(h.amount_posted), 0)"""):
+        report.add("refunds", f"payment {row['payment_id']} (tenant {row['tenant_id']}): refunded "
+                              f"{row['refunded']}, but its settlement posted {row['posted'] or 0}")
 
 
 # ── the event log ────────────────────────────────────────────────────────────────────

@@ -9,6 +9,7 @@ import asyncio
 import uuid
 from datetime import datetime, timezone
 
+import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
 from sqlalchemy import text
@@ -18,7 +19,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from services.ledger.consumers import PAYMENTS_TOPIC, build_consumers
 from services.ledger.schemas import EVENT_SCHEMAS
 from services.ledger.service import expire_holds
-from shared.db import async_url
+from services.ledger.verify import verify
+from shared.db import async_url, plain_url
 from shared.envelope import StoredEvent, encode
 from shared.kafka import ensure_topics
 from shared.relay import Relay
@@ -226,6 +228,58 @@ async def test_redelivery_and_replays_never_move_money_twice(flow):
     kinds = [k for k, _ in await flow.ledger_events("pay-dup")]
     assert kinds == ["ledger.hold.placed.v1", "ledger.transaction.posted.v1", "ledger.hold.posted.v1"]
     assert (await flow.api.balance(flow.customer["id"]))["posted"] == 9_000
+
+
+async def test_refunds_give_the_money_back_once_each_and_never_more_than_was_paid(flow, sessionmaker, platform,
+                                                                                   ledger_db):
+    approved = flow.event("approved", "pay-refund", amount=2_500)
+    settled = flow.event("settled", "pay-refund", amount=2_500)
+    first = flow.event("refunded", "pay-refund", amount=1_000, refund_id="rf-1")
+    first_again_other_id = flow.event("refunded", "pay-refund", amount=1_000, refund_id="rf-1")
+    second = flow.event("refunded", "pay-refund", amount=1_500, refund_id="rf-2")
+    beyond = flow.event("refunded", "pay-refund", amount=1, refund_id="rf-3")  # nothing left to refund
+    await flow.send(approved, settled, first, first, first_again_other_id, second, beyond)
+    await flow.processed(approved, settled, first, first_again_other_id, second, beyond)
+
+    transit = await flow.api.system_account("payouts_in_transit")
+    customer = await flow.api.balance(flow.customer["id"])
+    assert (customer["posted"], customer["pending"], customer["available"]) == (10_000, 10_000, 10_000)
+    assert (await flow.api.balance(transit["id"]))["posted"] == 0
+    refunds = [payload for kind, payload in await flow.ledger_events("pay-refund")
+               if kind == "ledger.transaction.posted.v1" and payload["kind"] == "payment_refund"]
+    assert [(r["refund_id"], r["entries"]) for r in refunds] == [
+        (refund_id, [{"account_id": transit["id"], "direction": "debit", "amount": amount, "currency": "EUR"},
+                     {"account_id": flow.customer["id"], "direction": "credit", "amount": amount, "currency": "EUR"}])
+        for refund_id, amount in (("rf-1", 1_000), ("rf-2", 1_500))]
+    for refund in refunds:
+        EVENT_SCHEMAS["ledger.transaction.posted.v1"].model_validate(refund)
+    async with sessionmaker() as session:
+        outcome = (await session.execute(text("SELECT outcome FROM processed_events WHERE event_id = :id"),
+                                         {"id": beyond.id})).scalar()
+    assert outcome == "dead_lettered"
+
+    assert [v for v in await verify(ledger_db.app_url) if "pay-refund" in v] == []
+    tamper = await asyncpg.connect(plain_url(platform.superuser_url(ledger_db)))
+    try:  # as someone with the database's keys: the refund row now claims more than was paid
+        await tamper.execute("SET session_replication_role = replica")
+        await tamper.execute("UPDATE payment_refunds SET amount = amount + 1 WHERE refund_id = 'rf-2'")
+    finally:
+        await tamper.close()
+    assert any("pay-refund" in v and "refunded 2501, but its settlement posted 2500" in v
+               for v in await verify(ledger_db.app_url))
+
+
+async def test_a_refund_without_a_settlement_moves_nothing(flow, sessionmaker):
+    approved = flow.event("approved", "pay-unsettled", amount=700)
+    refunded = flow.event("refunded", "pay-unsettled", amount=700, refund_id="rf-early")
+    await flow.send(approved, refunded)
+    await flow.processed(approved, refunded)
+    async with sessionmaker() as session:
+        outcome = (await session.execute(text("SELECT outcome FROM processed_events WHERE event_id = :id"),
+                                         {"id": refunded.id})).scalar()
+    assert outcome == "dead_lettered"
+    balance = await flow.api.balance(flow.customer["id"])
+    assert (balance["posted"], balance["available"]) == (10_000, 9_300)
 
 
 async def test_out_of_order_arrivals_decide_once_and_move_nothing(flow):
