@@ -57,7 +57,7 @@ class RunScope:
 @dataclass
 class RunOutcome:
     lines: int = 0
-    matched: int = 0  # lines reconciled three ways (two for refunds: the ledger posts none yet)
+    matched: int = 0  # lines reconciled three ways (two for refunds: see docs/reconciliation.md)
     breaks: int = 0  # open breaks of the statement after the run
     breaks_opened: int = 0
     breaks_resolved: int = 0
@@ -70,8 +70,8 @@ class RunOutcome:
         return now
 
 
-# The ledger's word on a payment: agrees, missing or mismatch (refunds: the ledger posts
-# no refund event today, so their ledger leg is not applicable).
+# The ledger's word on a payment: agrees, missing or mismatch (refunds: the read model does
+# not take the ledger's refund postings yet, so their ledger leg is not applicable).
 _LEDGER_STATE = """
 CASE WHEN {kind} <> 'payment' THEN 'not_applicable'
      WHEN g.payment_id IS NULL THEN 'missing'
@@ -99,7 +99,7 @@ WITH keyed AS (
            -- A join, not INSERT ... ON CONFLICT: speculative insertion of a million matches
            -- costs twice a plain one, and a first run's join finds nothing to hash.
            m.target_id IS NOT NULL AS taken,
-           -- the ledger's word on the payment (refunds: the ledger posts no refund event yet)
+           -- the ledger's word on the payment (refunds: not in the read model yet)
            {_LEDGER_STATE.format(kind="CASE WHEN p.payment_id IS NOT NULL THEN 'payment' ELSE 'none' END",
                                  currency="p.currency", amount="p.amount")} AS ledger
     FROM statement_lines l
