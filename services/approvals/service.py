@@ -14,7 +14,7 @@ import binascii
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -28,6 +28,7 @@ from services.approvals.repository import PageCursor
 from services.approvals.schemas import PaymentCreatedPayload
 from shared import context
 from shared.errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable
+from shared.inbox import Bound, Delivery
 from shared.uow import UnitOfWork
 
 log = logging.getLogger(__name__)
@@ -167,11 +168,7 @@ async def _open(*, uow: UnitOfWork, subject: Subject, default_expire_after_s: in
                              "retry shortly.", headers={"Retry-After": "1"})
 
 
-async def open_for_payment(*, uow: UnitOfWork, tenant_id: str | None, actor: str | None,
-                           payload: Mapping[str, Any], default_expire_after_s: int,
-                           policies: PolicyCache) -> ApprovalRequest | None:
-    """payment.created → the payment's approval request (granted at once or pending).
-    A second payment.created for the same payment (another event id) changes nothing."""
+def _payment_subject(*, tenant_id: str | None, actor: str | None, payload: Mapping[str, Any]) -> Subject:
     if not tenant_id:
         raise MalformedPaymentCreated("payment.created without a tenant")
     try:
@@ -183,15 +180,55 @@ async def open_for_payment(*, uow: UnitOfWork, tenant_id: str | None, actor: str
     if not maker:
         raise MalformedPaymentCreated("payment.created names no maker (created_by), so no one could be kept "
                                       "from approving their own payment")
-    subject = Subject(tenant_id=tenant_id, subject_type=domain.PAYMENT, subject_id=created.payment_id,
-                      amount=created.amount, currency=created.currency, metadata=created.metadata or {},
-                      maker=maker, requested_by=actor_principal or maker)
+    return Subject(tenant_id=tenant_id, subject_type=domain.PAYMENT, subject_id=created.payment_id,
+                   amount=created.amount, currency=created.currency, metadata=created.metadata or {},
+                   maker=maker, requested_by=actor_principal or maker)
+
+
+def _duplicate_ignored(subject: Subject) -> None:
+    log.info("payment %s already has an approval request; duplicate payment.created ignored",
+             subject.subject_id, extra={"payment_id": subject.subject_id})
+
+
+async def open_for_payment(*, uow: UnitOfWork, tenant_id: str | None, actor: str | None,
+                           payload: Mapping[str, Any], default_expire_after_s: int,
+                           policies: PolicyCache) -> ApprovalRequest | None:
+    """payment.created → the payment's approval request (granted at once or pending).
+    A second payment.created for the same payment (another event id) changes nothing."""
+    subject = _payment_subject(tenant_id=tenant_id, actor=actor, payload=payload)
     request = await _open(uow=uow, subject=subject, default_expire_after_s=default_expire_after_s,
                           policies=policies)
     if request is None:
-        log.info("payment %s already has an approval request; duplicate payment.created ignored",
-                 created.payment_id, extra={"payment_id": created.payment_id})
+        _duplicate_ignored(subject)
     return request
+
+
+async def open_for_payments(*, uow: UnitOfWork, deliveries: Sequence[Delivery], bound: Bound,
+                            default_expire_after_s: int, policies: PolicyCache) -> None:
+    """`open_for_payment` for a run of payment.created messages, with one statement for
+    all of them instead of one each. Every message gets what `open_for_payment` would
+    give it: its request opened under the current policy (its events recorded in its own
+    context), or nothing for a duplicate; a request whose cached policy version turned
+    out stale is opened again alone, under the current one."""
+    now = utcnow()
+    subjects = [_payment_subject(tenant_id=d.event.tenant_id, actor=d.event.actor, payload=d.event.data)
+                for d in deliveries]
+    requests = [ApprovalRequest.open(subject=subject, policy=policies.get(subject.tenant_id, subject.subject_type),
+                                     now=now, default_expire_after_s=default_expire_after_s,
+                                     correlation_id=d.event.correlation_id or str(d.event.id))
+                for d, subject in zip(deliveries, subjects, strict=True)]
+    attempts = await repository.open_requests(uow.session, requests)
+    for delivery, subject, request, attempt in zip(deliveries, subjects, requests, attempts, strict=True):
+        with bound(delivery):
+            if attempt.opened:
+                uow.add(*request.pull_events())
+                if request.status is ApprovalStatus.GRANTED:
+                    uow.after_commit(lambda: OUTCOMES.labels("granted", "true").inc())
+            elif attempt.current_version == request.policy_version:
+                _duplicate_ignored(subject)
+            elif await _open(uow=uow, subject=subject, default_expire_after_s=default_expire_after_s,
+                             policies=policies) is None:
+                _duplicate_ignored(subject)
 
 
 async def request_approval(*, uow: UnitOfWork, tenant_id: str, principal: str, subject_type: str,

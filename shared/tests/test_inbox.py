@@ -8,6 +8,7 @@ import contextlib
 import uuid
 from datetime import datetime, timezone
 
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy import text
 
@@ -135,3 +136,86 @@ async def test_offsets_are_committed_after_processing(kit, platform):
     finally:
         await probe.stop()
     assert sum(committed) == 4  # every processed message's offset, and no more
+
+
+# ── batch handlers ───────────────────────────────────────────────────────────────────
+
+BATCHES: list[int] = []  # sizes of the runs the batch handler was given
+
+
+async def apply_increments(uow, deliveries, bound) -> None:
+    """What apply_increment does for each message, in one statement for the run."""
+    if any(d.event.data.get("poison") for d in deliveries):
+        raise ValueError("this run holds a message that can never be applied")
+    BATCHES.append(len(deliveries))
+    await uow.session.execute(
+        text("INSERT INTO counters (id, value) SELECT 'applied:' || id, sum(by) "
+             "FROM unnest(CAST(:ids AS text[]), CAST(:bys AS int[])) AS t(id, by) GROUP BY id "
+             "ON CONFLICT (id) DO UPDATE SET value = counters.value + EXCLUDED.value"),
+        {"ids": [d.event.subject for d in deliveries], "bys": [d.event.data["by"] for d in deliveries]})
+    for delivery in deliveries:
+        with bound(delivery):
+            uow.add(DomainEvent("counter.mirrored.v1", "mirror", delivery.event.subject,
+                                {"by": delivery.event.data["by"]}))
+
+
+async def reset_counter(uow, event) -> None:
+    await uow.session.execute(text("UPDATE counters SET value = 0 WHERE id = :id"), {"id": f"applied:{event.subject}"})
+
+
+def batching(**options):
+    return {"batch_handlers": {"counter.incremented.v1": apply_increments},
+            "handlers": {"counter.incremented.v1": apply_increment, "counter.reset.v1": reset_counter}, **options}
+
+
+@contextlib.asynccontextmanager
+async def consuming_in_batches(kit, platform, **options):
+    consumer = Consumer(name=f"{kit.service}-batched", service=kit.service, topics=[kit.topic],
+                        sessionmaker=kit.sessionmaker, bootstrap=platform.bootstrap, retry_backoff_s=0.01,
+                        **batching(**options))
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    try:
+        yield consumer
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+
+
+async def test_a_run_of_one_type_goes_to_its_batch_handler_in_arrival_order(kit, platform):
+    BATCHES.clear()
+    first, second = stored("counter.incremented.v1", "b", {"by": 1}), stored("counter.incremented.v1", "b", {"by": 2})
+    reset = stored("counter.reset.v1", "b", {})
+    last = stored("counter.incremented.v1", "b", {"by": 5})
+    await produce(platform, kit.topic, first, second, first, reset, last)  # one key: one partition, this order
+    async with consuming_in_batches(kit, platform):
+        await eventually(lambda: kit.scalar("SELECT count(*) = 4 FROM processed_events WHERE event_id = ANY(:ids)",
+                                            ids=[first.id, second.id, reset.id, last.id]), timeout=30)
+    assert await kit.value("applied:b") == 5  # the reset came between the runs, as it was sent
+    assert sum(BATCHES) == 3  # every increment went through the batch handler
+    async with kit.sessionmaker() as session:
+        causes = (await session.execute(text(
+            "SELECT causation_id FROM events WHERE type = 'counter.mirrored.v1' AND aggregate_id = 'b' ORDER BY seq"
+        ))).scalars().all()
+    assert causes == [str(first.id), str(second.id), str(last.id)]  # each event stamped with its own message
+
+
+async def test_a_poisoned_run_falls_back_to_one_message_at_a_time(kit, platform):
+    BATCHES.clear()
+    good = stored("counter.incremented.v1", "q", {"by": 4})
+    poison = stored("counter.incremented.v1", "q", {"by": 1, "poison": True})
+    after = stored("counter.incremented.v1", "q", {"by": 10})
+    await produce(platform, kit.topic, good, poison, after)
+    async with consuming_in_batches(kit, platform, max_attempts=2):
+        await eventually(lambda: kit.scalar("SELECT outcome = 'dead_lettered' FROM processed_events "
+                                            "WHERE event_id = :id", id=poison.id), timeout=30)
+        await eventually(lambda: kit.value("applied:q"), timeout=30)
+    assert await kit.value("applied:q") == 14  # the good messages, once each, by the per-message handler
+    assert await kit.scalar("SELECT count(*) FROM events WHERE type = 'counter.mirrored.v1' "
+                            "AND aggregate_id = 'q'") == 2
+
+
+def test_a_batch_handler_needs_a_per_message_handler():
+    with pytest.raises(ValueError, match="per-message handler too"):
+        Consumer(name="x", service="x", topics=["x"], handlers={}, sessionmaker=None, bootstrap="x",
+                 batch_handlers={"counter.incremented.v1": apply_increments})

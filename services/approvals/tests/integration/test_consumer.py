@@ -10,7 +10,7 @@ import uuid
 import orjson
 
 from services.approvals.tests.integration.conftest import (
-    consuming, eventually, events_of, payment_created, produce, read_topic, scalar,
+    consuming, eventually, events_of, payment_created, produce, read_topic, rows, scalar,
 )
 from services.approvals.verify import verify
 from shared.kafka import ensure_topics
@@ -107,3 +107,44 @@ async def test_a_payment_created_without_a_maker_is_parked_not_guessed(platform,
                         id=nameless.id) == "dead_lettered"
     dead = await read_topic(platform.bootstrap, f"{broker_settings.payments_topic}.dlq", expect=1)
     assert b"names no maker" in dict(dead[-1].headers)["dlq_error"]
+
+
+async def test_a_run_of_payment_created_is_opened_as_one_would_be_one_by_one(
+        platform, broker_settings, sessionmaker, http, as_, tenant):
+    """The consumer's batch path: one tenant on the default policy, one whose stored
+    policy the consumer has not cached yet (its guess is stale, so those requests are
+    opened again alone, under the current version), a duplicate inside the run, and each
+    approval event caused by its own payment.created."""
+    relaxed = {"reason": "one approver from 50,000 only", "rules": [
+        {"name": "one_from_50k", "required_approvals": 1,
+         "conditions": {"amount_at_least": {"whole_major_units": 50_000}}},
+        {"name": "auto_otherwise", "required_approvals": 0}]}
+    assert (await http.put("/v1/approvals/policies/payment", json=relaxed, headers=as_("admin"))).status_code == 200
+    other = f"{tenant}-default"
+    key = str(uuid.uuid4())  # one key: one partition, so the run arrives together and in order
+    stored_policy = [payment_created(tenant, amount=amount, key=key) for amount in (200_000, 9_000_000)]
+    default = [payment_created(other, amount=amount, key=key) for amount in (200_000, 50_000)]
+    duplicate = payment_created(other, amount=50_000, payment_id=default[1].payload["payment_id"], key=key)
+    sent = [stored_policy[0], default[0], default[1], duplicate, stored_policy[1]]
+    await produce(platform.bootstrap, broker_settings.payments_topic, *sent)
+
+    async with consuming(broker_settings, sessionmaker) as consumer:
+        await eventually(lambda: scalar(
+            sessionmaker, "SELECT count(*) = 5 FROM processed_events WHERE consumer = :c AND event_id = ANY(:ids)",
+            c=consumer.name, ids=[e.id for e in sent]), timeout=30)
+
+    async def opened(event):
+        [row] = await rows(sessionmaker, "SELECT id, status, policy_version, rule FROM approval_requests "
+                                         "WHERE tenant_id = :t AND subject_id = :p",
+                           t=event.tenant_id, p=event.payload["payment_id"])
+        return row
+    assert [(r.status, r.policy_version, r.rule) for r in [await opened(e) for e in stored_policy]] == [
+        ("granted", 1, "auto_otherwise"), ("pending", 1, "one_from_50k")]
+    assert [(r.status, r.policy_version) for r in [await opened(e) for e in default]] == [
+        ("pending", 0), ("granted", 0)]
+    for event in [*stored_policy, *default]:
+        [written] = await rows(sessionmaker, "SELECT causation_id, correlation_id FROM events "
+                                             "WHERE aggregate_id = :id", id=str((await opened(event)).id))
+        assert written.causation_id == str(event.id)
+    assert await rows(sessionmaker, "SELECT type, aggregate_id, payload FROM events WHERE causation_id = :id",
+                      id=str(duplicate.id)) == []
