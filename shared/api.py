@@ -21,7 +21,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
-from alembic.script import ScriptDirectory
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -35,7 +34,7 @@ from shared.db import make_engine, make_sessionmaker
 from shared.errors import (
     PayloadTooLarge, ServiceUnavailable, domain_error_response, install_problem_handlers, unhandled_error_response,
 )
-from shared.migrate import alembic_config
+from shared.health import check_summary, failure_detail, run_checks, standard_checks
 from shared.settings import KitSettings
 
 logger = logging.getLogger(__name__)
@@ -60,10 +59,13 @@ def create_app(
     public_routers: Sequence[APIRouter] = (),
     migrations_dir: Path | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    broker_bootstrap: str | None = None,
 ) -> FastAPI:
     """Build a service's app. Every route in `routers` requires a valid internal token;
     `public_routers` (e.g. processor webhooks, verified their own way) do not.
-    `/readyz` checks the database is at the head of `migrations_dir` when one is given."""
+    `/readyz` checks the database answers, is at the head of `migrations_dir` when one is
+    given, and reports whether the broker at `broker_bootstrap` answers when one is given
+    (advisory for an API: see `answer_readiness`)."""
     if engine is None:
         engine = make_engine(settings.database_url, pool_size=settings.db_pool_size, application_name=service_name)
     if sessionmaker is None:
@@ -86,7 +88,8 @@ def create_app(
         app.include_router(router, dependencies=[Depends(current_principal)])
     for router in public_routers:
         app.include_router(router)
-    app.include_router(_operational_router(service_name=service_name, engine=engine, migrations_dir=migrations_dir))
+    app.include_router(_operational_router(service_name=service_name, engine=engine, migrations_dir=migrations_dir,
+                                           broker_bootstrap=broker_bootstrap))
 
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
     app.add_middleware(RequestContextMiddleware, service_name=service_name)  # added last = outermost
@@ -222,13 +225,10 @@ class NotReady(ServiceUnavailable):
     title = "Not ready"
 
 
-def migration_heads(migrations_dir: Path) -> set[str]:
-    return set(ScriptDirectory.from_config(alembic_config(migrations_dir, "")).get_heads())
-
-
-def _operational_router(*, service_name: str, engine: AsyncEngine, migrations_dir: Path | None) -> APIRouter:
+def _operational_router(*, service_name: str, engine: AsyncEngine, migrations_dir: Path | None,
+                        broker_bootstrap: str | None) -> APIRouter:
     router = APIRouter(tags=["operations"])
-    expected_heads = migration_heads(migrations_dir) if migrations_dir else None
+    checks = standard_checks(engine=engine, migrations_dir=migrations_dir, bootstrap=broker_bootstrap)
 
     @router.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -236,12 +236,10 @@ def _operational_router(*, service_name: str, engine: AsyncEngine, migrations_di
         return {"status": "ok"}
 
     @router.get("/readyz")
-    async def readyz() -> dict[str, str]:
-        """The database answers and its schema is at the head this code expects."""
-        problem = await _readiness_problem(engine, expected_heads)
-        if problem:
-            raise NotReady(problem)
-        return {"status": "ready"}
+    async def readyz() -> dict:
+        """The database answers at the schema this code expects (503 problem+json naming
+        each failed check otherwise); the broker's state is reported, not required."""
+        return await answer_readiness(checks, advisory=API_ADVISORY_CHECKS)
 
     @router.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
@@ -252,20 +250,23 @@ def _operational_router(*, service_name: str, engine: AsyncEngine, migrations_di
     return router
 
 
-async def _readiness_problem(engine: AsyncEngine, expected_heads: set[str] | None) -> str | None:
-    try:
-        async with asyncio.timeout(PROBE_TIMEOUT_S), engine.connect() as conn:
-            if expected_heads is None:
-                await conn.execute(text("SELECT 1"))
-                return None
-            applied = set((await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars())
-    except Exception as exc:  # any failure here means "not ready"; the reason is for the log only
-        logger.warning("readiness check failed: %s", type(exc).__name__, exc_info=exc)
-        return "The database is not reachable."
-    if applied != expected_heads:
-        return (f"The database schema is at {sorted(applied) or 'no revision'}, "
-                f"this code expects {sorted(expected_heads)}.")
-    return None
+# An API writes its events to its own database (the outbox); the broker is not on its
+# request path. Taking every API out of rotation while Kafka is down would turn a broker
+# outage into a full outage of the platform, when the outbox exists precisely so that
+# writes go on and are published once the broker is back. So an API reports the broker
+# ("degraded") but stays ready; the relay and consumer, which need it, are not ready.
+API_ADVISORY_CHECKS = frozenset({"broker"})
+
+
+async def answer_readiness(checks, *, advisory: frozenset[str] = frozenset()) -> dict:
+    """The body of a passing `/readyz` (`degraded` when an advisory check failed), or
+    NotReady naming every failed required check."""
+    results = await run_checks(checks)
+    detail = failure_detail({name: reason for name, reason in results.items() if name not in advisory})
+    if detail:
+        raise NotReady(detail, checks=check_summary(results))
+    degraded = any(results[name] for name in advisory if name in results)
+    return {"status": "degraded" if degraded else "ready", "checks": check_summary(results)}
 
 
 async def _refresh_outbox_gauges(engine: AsyncEngine, service_name: str) -> None:

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from sqlalchemy import text
 
 from shared.api import SessionmakerDep, create_app
+from shared.db import make_engine
 from shared.errors import Conflict
 from shared.idempotency import IdempotencyDep, parse_key, purge_expired_keys, request_fingerprint
 from shared.settings import KitSettings
@@ -292,3 +293,24 @@ async def test_purge_forgets_only_old_keys(database):
         assert (await session.execute(text("SELECT array_agg(key) FROM idempotency_keys"))).scalar() == ["recent"]
     with pytest.raises(ValueError):
         await purge_expired_keys(sessionmaker, older_than=timedelta(hours=1))
+
+
+async def test_a_transaction_its_process_abandoned_frees_the_key_by_itself(app, database):
+    """A request whose transaction was left open (its task cancelled, its connection never
+    returned) must not hold its Idempotency-Key forever: the server ends the idle
+    transaction, and with it the key's lock."""
+    db = database[0]
+    engine = make_engine(db.app_url, pool_size=1, idle_in_transaction_timeout_s=1)
+    try:
+        abandoned = await engine.connect()
+        await abandoned.begin()
+        lock_key = "idempotency:t1:alice:POST:/counters/abandoned/increments:k-abandoned"
+        await abandoned.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"), {"k": lock_key})
+        async with client(app) as http:
+            held = await post(http, "abandoned", key="k-abandoned")
+            await asyncio.sleep(2.5)  # the holder never says another word
+            freed = await post(http, "abandoned", key="k-abandoned")
+    finally:
+        await engine.dispose()
+    assert held.status_code == 409 and held.json()["code"] == "idempotency_key_in_flight"
+    assert freed.status_code == 201 and freed.json()["value"] == 1
