@@ -56,7 +56,16 @@ def _install_stop(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+def _worker_health(service: str, settings, engine):
+    """Probes for a relay or consumer process: its database, schema and broker."""
+    from shared.health import WorkerHealth, standard_checks
+
+    return WorkerHealth(standard_checks(engine=engine, migrations_dir=migrations_dir(service),
+                                        bootstrap=settings.kafka_bootstrap_servers))
+
+
 async def run_relay(service: str) -> None:
+    from shared.db import make_engine
     from shared.metrics import serve_metrics
     from shared.relay import Relay
     from shared.logs import setup_logging
@@ -65,40 +74,52 @@ async def run_relay(service: str) -> None:
     settings = settings_for(service)
     setup_logging(service, level=settings.log_level, role="relay")
     setup_telemetry(service, role="relay")
+    # The relay itself speaks asyncpg; this small pool only answers the health checks.
+    health_engine = make_engine(settings.database_url, pool_size=1, application_name=f"{service}-relay-health")
+    health = _worker_health(service, settings, health_engine)
     if settings.metrics_port:
-        serve_metrics(settings.metrics_port)
+        serve_metrics(settings.metrics_port, health=health)
     stop = asyncio.Event()
     _install_stop(stop)
     relay = Relay(service=service, database_url=settings.database_url, bootstrap=settings.kafka_bootstrap_servers,
                   batch_size=settings.relay_batch_size, poll_interval_s=settings.relay_poll_interval_s)
-    await relay.run(stop)
+    try:
+        await asyncio.gather(relay.run(stop), health.monitor(stop))
+    finally:
+        await health_engine.dispose()
 
 
 async def run_consumers(service: str) -> None:
     from shared.db import make_engine, make_sessionmaker
-    from shared.metrics import serve_metrics
+    from shared.metrics import refresh_periodically, serve_metrics
     from shared.logs import setup_logging
     from shared.telemetry import instrument_engine, setup_telemetry
 
     settings = settings_for(service)
     setup_logging(service, level=settings.log_level, role="consumer")
     setup_telemetry(service, role="consumer")
-    if settings.metrics_port:
-        serve_metrics(settings.metrics_port)
     engine = make_engine(settings.database_url, pool_size=5, application_name=f"{service}-consumer")
     instrument_engine(engine)
+    health = _worker_health(service, settings, engine)
+    if settings.metrics_port:
+        serve_metrics(settings.metrics_port, health=health)
     sessionmaker = make_sessionmaker(engine)
     consumers = service_module(service, "consumers").build_consumers(settings=settings, sessionmaker=sessionmaker)
-    # Periodic jobs (expiry, submission, janitors) live beside the consumers: same process
-    # kind, same database pool, same graceful stop.
+    # Periodic jobs (expiry, submission, janitors) and the domain gauges' queries live
+    # beside the consumers: same process kind, same database pool, same graceful stop.
     jobs = _optional_room(service, "jobs")
+    gauges = _optional_room(service, "gauges")
     stop = asyncio.Event()
     _install_stop(stop)
     try:
         tasks = [c.run(stop) for c in consumers]
+        tasks.append(health.monitor(stop))
         if jobs is not None:
             tasks.append(jobs.run_jobs(settings=settings, sessionmaker=sessionmaker, stop=stop))
-        await asyncio.gather(*tasks) if tasks else await stop.wait()
+        if gauges is not None:
+            tasks.append(refresh_periodically(lambda: gauges.refresh(sessionmaker), service=service,
+                                              interval_s=settings.domain_gauges_interval_s, stop=stop))
+        await asyncio.gather(*tasks)
     finally:
         await engine.dispose()
 

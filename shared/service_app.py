@@ -33,7 +33,7 @@ def build_service_app(
     instrument_engine(engine)
     app = create_app(service_name=service, settings=settings, routers=[*routers, timeline_router], engine=engine,
                      sessionmaker=make_sessionmaker(engine), public_routers=public_routers,
-                     migrations_dir=migrations_dir)
+                     migrations_dir=migrations_dir, broker_bootstrap=settings.kafka_bootstrap_servers)
     app.state.settings = settings
     instrument_app(app)
     return app

@@ -21,7 +21,10 @@ class KitSettings(BaseSettings):
     migration_database_url: str | None = None
     kafka_bootstrap_servers: str = Field(default="127.0.0.1:9092", validation_alias="KAFKA_BOOTSTRAP_SERVERS")
     port: int = 8000  # the API's listening port
-    metrics_port: int | None = None  # relay/consumer processes serve /metrics here
+    metrics_port: int | None = None  # relay/consumer processes serve /metrics, /healthz, /readyz here
+    # How often the consumer process re-runs the service's domain gauge queries (gauges.py):
+    # about the scrape interval, so each scrape sees fresh values and the queries stay rare.
+    domain_gauges_interval_s: float = 15.0
     db_pool_size: int = 20
     relay_batch_size: int = 500
     relay_poll_interval_s: float = 1.0

@@ -1,6 +1,8 @@
 """The money flow of the design, end to end, on the platform `clearhouse up` starts: every
 call goes through the gateway with an API key, every hop between services is a real
-Kafka event, and `clearhouse verify` finds every invariant intact afterwards.
+Kafka event, and `clearhouse verify` finds every invariant intact afterwards. The same
+platform then answers for its operators: one trace per payment across every process, every
+metric the dashboards and alerts query really exported, every process ready.
 
     partner ─▶ gateway ─▶ payments ─▶ approvals ─▶ payments ─▶ ledger (hold) ─▶ payments
             ─▶ sandbox processor ─▶ webhook ─▶ payments (settled) ─▶ ledger (hold posted)
@@ -18,7 +20,11 @@ import uuid
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from clearhouse import traceview
+from clearhouse.up import API_PORTS
+from tests import metric_names
 from tests.running import ROOT, Up
 
 CUSTOMER_IBAN = "DE89370400440532013000"
@@ -177,22 +183,137 @@ def test_verify_finds_every_invariant_intact_after_the_flows(running):
     assert "✗" not in result.stdout
 
 
-def test_one_trace_spans_gateway_payments_relay_kafka_approvals_and_ledger(running):
+# The hops of one payment's trace, in causal order: (service, role, span kind, event type).
+# Each one's span is an ancestor of the next: the trace crosses every process on the way.
+TRACE_HOPS = [
+    ("gateway", "api", "SERVER", None),
+    ("payments", "api", "SERVER", None),
+    ("payments", "relay", "PRODUCER", "payment.created.v1"),
+    ("approvals", "consumer", "CONSUMER", "payment.created.v1"),
+    ("approvals", "relay", "PRODUCER", "approval.granted.v1"),
+    ("payments", "consumer", "CONSUMER", "approval.granted.v1"),
+    ("payments", "relay", "PRODUCER", "payment.approved.v1"),
+    ("ledger", "consumer", "CONSUMER", "payment.approved.v1"),
+]
+
+
+def hop_of(span: traceview.Span) -> tuple:
+    return (span.service.removeprefix("clearhouse-"), span.role or "api", span.kind,
+            span.attributes.get("clearhouse.event_type"))
+
+
+def causal_chain(spans: list[traceview.Span], last: tuple) -> list[tuple]:
+    """The hops from the root down to the span that is `last`, through parent links."""
+    by_id = {s.span_id: s for s in spans}
+    ends = [s for s in spans if hop_of(s) == last]
+    if not ends:
+        return []
+    chain, span = [], ends[0]
+    while span is not None:
+        chain.append(hop_of(span))
+        span = by_id.get(span.parent_span_id) if span.parent_span_id != span.span_id else None
+    return list(reversed(chain))
+
+
+def is_subsequence(wanted: list, chain: list) -> bool:
+    remaining = iter(chain)
+    return all(any(hop[:3] == w[:3] and (w[3] is None or hop[3] == w[3]) for hop in remaining) for w in wanted)
+
+
+def test_one_trace_spans_gateway_payments_relay_kafka_approvals_payments_and_ledger(running):
     api = Api(running["gateway"], running["key"])
     payment = api.pay(api.funded_customer(100_000), 2_500)
     api.until_status(payment["id"], "settled", "failed")
     timeline = api.get(f"/v1/payments/{payment['id']}/timeline").json()["events"]
     trace_id = next(e["trace_id"] for e in timeline if e["type"] == "payment.created.v1")
     # The approval and the hold are caused by the create request: the same trace continues.
-    assert next(e["trace_id"] for e in timeline if e["type"] == "ledger.hold.placed.v1") == trace_id
-    deadline = time.monotonic() + 30
+    for caused in ("approval.granted.v1", "payment.approved.v1", "ledger.hold.placed.v1"):
+        assert next(e["trace_id"] for e in timeline if e["type"] == caused) == trace_id, caused
+
+    deadline = time.monotonic() + 60
     while True:  # span exporters flush in batches
-        shown = cli(running["home"], "trace", trace_id)
-        services = set(re.findall(r"\b(gateway|payments|approvals|ledger)\b", shown.stdout))
-        if shown.returncode == 0 and services == {"gateway", "payments", "approvals", "ledger"} \
-                and "[→kafka]" in shown.stdout and "[kafka→]" in shown.stdout:
+        spans = traceview.find_trace(traceview.load_spans(running["home"] / "traces"), trace_id)
+        chain = causal_chain(spans, TRACE_HOPS[-1])
+        if is_subsequence(TRACE_HOPS, chain):
             break
-        assert time.monotonic() < deadline, shown.stdout + shown.stderr
+        assert time.monotonic() < deadline, f"hops of trace {trace_id}: {chain or sorted(set(map(hop_of, spans)))}"
         time.sleep(0.5)
+
+    shown = cli(running["home"], "trace", trace_id)
+    assert shown.returncode == 0, shown.stderr
+    header, *rows = shown.stdout.splitlines()
+    assert header.startswith(f"trace {trace_id} · ") and "\n\n" not in shown.stdout.strip(), "one trace"
+    assert {"gateway", "payments", "approvals", "ledger"} <= set(header.split(" · ")[2].split(", "))
+    # Every Kafka hop of the chain is a row of the waterfall, drawn by the process that made it.
+    for service, role, kind, _ in TRACE_HOPS[2:]:
+        marker, topic = ("[→kafka]", f"{service}.events") if kind == "PRODUCER" else ("[kafka→]", None)
+        assert any(marker in row and f" {service}/{role} " in row and (topic is None or topic in row) for row in rows), \
+            f"no {marker} row of {service}/{role}:\n{shown.stdout}"
     by_payment = cli(running["home"], "trace", "--payment", payment["id"])
-    assert by_payment.returncode == 0 and trace_id in by_payment.stdout
+    assert by_payment.returncode == 0 and f"trace {trace_id}" in by_payment.stdout
+
+
+# ── metrics: what the dashboards and alerts query is what the processes export ────────────
+
+
+def scrape_targets(home) -> dict[str, int]:
+    """Every process with /metrics: the APIs (not the sandbox processor, a stand-in with
+    /healthz only) and each service's relay and consumer, from the ports `up` chose."""
+    ports = json.loads((home / "state.json").read_text())["ports"]
+    targets = {name: ports[name] for name in API_PORTS if name != "sandbox"}
+    targets |= {name.removesuffix("-metrics"): port for name, port in ports.items() if name.endswith("-metrics")}
+    return targets
+
+
+def scrape(port: int, path: str = "/metrics") -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=30)
+
+
+def sample_value(exposition: str, name: str, **labels) -> float:
+    return sum(s.value for f in text_string_to_metric_families(exposition) for s in f.samples
+               if s.name == name and labels.items() <= s.labels.items())
+
+
+def test_every_metric_the_dashboards_and_alerts_name_is_exported_by_a_live_process(running):
+    api = Api(running["gateway"], running["key"])
+    payment = api.pay(api.funded_customer(50_000), 1_000)
+    assert api.until_status(payment["id"], "settled", "failed")["status"] == "settled"
+    targets = scrape_targets(running["home"])
+    assert len(targets) == 5 + 2 * 4, targets  # 4 service APIs and the gateway; a relay and a consumer each
+
+    # The flow shows in the domain counters once the relays and the ledger caught up.
+    def settled_and_posted() -> bool:
+        published = sample_value(scrape(targets["payments-relay"]).text, "clearhouse_events_published_total",
+                                 service="payments", type="payment.settled.v1")
+        posted = sample_value(scrape(targets["ledger-consumer"]).text, "clearhouse_ledger_transactions_posted_total",
+                              kind="hold_posted")
+        return published >= 1 and posted >= 1
+
+    assert Api.eventually(settled_and_posted, bool, timeout=60)
+
+    exported_by: dict[str, set[str]] = {}
+    for process, port in targets.items():
+        response = scrape(port)
+        assert response.status_code == 200, process
+        for name in metric_names.exported(response.text):
+            exported_by.setdefault(name, set()).add(process)
+    referenced = metric_names.referenced()
+    missing = {name: sorted(where) for name, where in referenced.items() if name not in exported_by}
+    assert not missing, f"queried by dashboards or alerts but exported by no process: {missing}"
+    # The domain gauges come from the consumer of the service that owns the rows.
+    for gauge, owner in [("clearhouse_payments_in_flight", "payments-consumer"),
+                         ("clearhouse_approvals_pending", "approvals-consumer"),
+                         ("clearhouse_reconciliation_breaks_open", "reconciliation-consumer")]:
+        assert owner in exported_by[gauge], (gauge, exported_by[gauge])
+    in_flight = scrape(targets["payments-consumer"]).text
+    assert {s.labels["status"] for f in text_string_to_metric_families(in_flight) for s in f.samples
+            if s.name == "clearhouse_payments_in_flight"} == {"pending_approval", "approved", "submitted"}
+
+
+def test_every_process_is_ready_with_database_migrations_and_broker_checked(running):
+    for process, port in scrape_targets(running["home"]).items():
+        ready = scrape(port, "/readyz")
+        assert ready.status_code == 200, (process, ready.text)
+        expected = {"database", "migrations"} | (set() if process == "gateway" else {"broker"})
+        assert ready.json()["checks"] == dict.fromkeys(expected, "ok"), process
+        assert scrape(port, "/healthz").status_code == 200, process

@@ -147,7 +147,8 @@ async def test_healthz_and_readyz_at_head(app):
         health = await http.get("/healthz")
         ready = await http.get("/readyz")
     assert health.status_code == 200 and health.json() == {"status": "ok"}
-    assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready", "checks": {"database": "ok", "migrations": "ok"}}
 
 
 async def test_readyz_is_503_when_migrations_are_behind(database, tmp_path):

@@ -8,11 +8,15 @@ docker-compose.yml and everything under deploy/. No Docker engine and no cluster
     deploy/k8s              rendered by `kubectl kustomize` (or `kustomize build`), each object
                             checked by `kubernetes-validate` against Kubernetes KUBERNETES_VERSION,
                             strict; without a renderer, every complete manifest file on its own
-    deploy/prometheus       promtool check config / check rules / test rules when promtool is
-                            installed; the rules' structure is always checked here in Python
-    dashboards and alerts   only metric names that shared/metrics.py declares
+    deploy/prometheus       promtool check config / check rules / test rules (promtool is
+                            required: `clearhouse test` installs it), plus the rules'
+                            structure here in Python
+    dashboards and alerts   every PromQL expression parses (promtool), and names only metrics
+                            the code registers (tests/metric_names.py; the live check against
+                            a running platform is in tests/test_money_flow.py)
 
-Nothing is skipped: a missing optional tool narrows a check, never removes it.
+Nothing is skipped: a missing optional renderer narrows a check, never removes it; a missing
+promtool fails.
 """
 
 from __future__ import annotations
@@ -30,11 +34,10 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from prometheus_client.metrics import MetricWrapperBase
 
 from clearhouse.serve import SERVICES
 from clearhouse.up import API_PORTS
-from shared import metrics
+from tests import metric_names
 from shared.kafka import DEFAULT_PARTITIONS, service_topics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +45,8 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 KUBERNETES_VERSION = "1.33.0"  # the oldest minor the major managed offerings still run
 PLATFORM = (*SERVICES, "gateway")  # everything with a database of its own
-ALERTS = {"OutboxStuck", "ConsumerLagGrowing", "DLQNotEmpty", "HighErrorRate", "RelayNoActiveReplica"}
+ALERTS = {"OutboxStuck", "ConsumerLagGrowing", "DLQNotEmpty", "HighErrorRate", "RelayNoActiveReplica",
+          "PaymentsStuckApproved", "ApprovalQueueStale", "ReconciliationBreakOlderThanADay", "DomainGaugesNotRefreshing"}
 METRICS_PORT = "9100"
 
 
@@ -277,32 +281,44 @@ def test_alert_unit_tests_cover_every_alert():
     assert fired == ALERTS
 
 
+def promtool() -> str:
+    found = shutil.which("promtool")
+    assert found, ("promtool is missing: install the Debian package `prometheus` "
+                   "(`clearhouse test` does it by itself where it may run apt-get)")
+    return found
+
+
 def test_promtool_accepts_config_rules_and_rule_tests():
-    """With promtool (Debian package `prometheus`) the real checks run; the structure checks
-    above run either way."""
-    promtool = shutil.which("promtool")
     config = load_yaml(PROMETHEUS / "prometheus.yml")
     assert {"global", "rule_files", "scrape_configs"} <= set(config)
     assert all(job["job_name"] and (job.get("static_configs") or job.get("dns_sd_configs")) for job in config["scrape_configs"])
-    if promtool:
-        assert_ran(run(promtool, "check", "config", str(PROMETHEUS / "prometheus.yml")))
-        assert_ran(run(promtool, "check", "rules", str(PROMETHEUS / "alerts.yml")))
-        assert_ran(run(promtool, "test", "rules", str(PROMETHEUS / "alerts_test.yml")))
+    assert_ran(run(promtool(), "check", "config", str(PROMETHEUS / "prometheus.yml")))
+    assert_ran(run(promtool(), "check", "rules", str(PROMETHEUS / "alerts.yml")))
+    assert_ran(run(promtool(), "test", "rules", str(PROMETHEUS / "alerts_test.yml")))
+
+
+def test_promtool_rejects_a_broken_rule(tmp_path):
+    """The rule checks above can fail: a misspelt function is refused."""
+    broken = tmp_path / "broken.yml"
+    broken.write_text(yaml.safe_dump({"groups": [{"name": "g", "rules": [
+        {"alert": "Broken", "expr": "rate(clearhouse_http_requests_total[5m]) > > 1"}]}]}))
+    assert run(promtool(), "check", "rules", str(broken)).returncode != 0
+
+
+def test_every_dashboard_expression_is_valid_promql(tmp_path):
+    """Grafana's variables replaced by what Grafana would put there, each expression is
+    loaded by promtool as a recording rule, which parses it."""
+    exprs = [expr for board in metric_names.dashboard_exprs().values() for expr in board]
+    assert exprs
+    rules = [{"record": f"clearhouse:dashboard_expression_{i}",
+              "expr": expr.replace("$__rate_interval", "1m").replace("$service", ".*")}
+             for i, expr in enumerate(exprs)]
+    rule_file = tmp_path / "dashboards.yml"
+    rule_file.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
+    assert_ran(run(promtool(), "check", "rules", str(rule_file)))
 
 
 # ── metric names ───────────────────────────────────────────────────────────────────────────
-
-
-def declared_series() -> set[str]:
-    """Every series name shared/metrics.py can expose, with the suffixes of its type."""
-    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
-                "gauge": ("",), "summary": ("", "_count", "_sum", "_created")}
-    names = set()
-    for value in vars(metrics).values():
-        if isinstance(value, MetricWrapperBase):
-            for family in value.describe():
-                names |= {family.name + suffix for suffix in suffixes[family.type]}
-    return names
 
 
 def referenced_metrics(text: str) -> set[str]:
@@ -314,29 +330,26 @@ def dashboards() -> list[Path]:
 
 
 def dashboard_exprs(path: Path) -> list[str]:
-    def walk(node):
-        if isinstance(node, dict):
-            if isinstance(node.get("expr"), str):
-                yield node["expr"]
-            for value in node.values():
-                yield from walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                yield from walk(value)
-
-    return list(walk(json.loads(path.read_text())))
+    return metric_names.dashboard_exprs()[path.name]
 
 
 def test_dashboards_and_alerts_use_only_declared_metrics():
-    declared = declared_series()
+    declared = metric_names.declared()
     assert "clearhouse_http_requests_total" in declared and "clearhouse_http_request_duration_seconds_bucket" in declared
-    sources = {path.name: "\n".join(dashboard_exprs(path)) for path in dashboards()}
-    sources["alerts.yml"] = "\n".join(r["expr"] for r in alert_rules())
-    sources["alerts_test.yml"] = (PROMETHEUS / "alerts_test.yml").read_text()
-    for source, text in sources.items():
-        used = referenced_metrics(text)
-        assert used, f"{source} refers to no Clearhouse metric"
-        assert used <= declared, f"{source} uses undeclared metrics: {sorted(used - declared)}"
+    used = metric_names.referenced()
+    assert {"clearhouse-overview.json", "clearhouse-money.json"} <= set().union(*used.values())
+    unknown = {name: sorted(where) for name, where in used.items() if name not in declared}
+    assert not unknown, f"dashboards and alerts use metrics nobody registers: {unknown}"
+    # The rule tests' input series must be real metrics too, or they test nothing.
+    series = referenced_metrics((PROMETHEUS / "alerts_test.yml").read_text())
+    assert series and series <= declared, sorted(series - declared)
+
+
+def test_the_promql_parser_finds_metric_names_and_nothing_else():
+    assert metric_names.metrics_in_promql(
+        'label_replace(sum by (type) (rate(clearhouse_events_published_total{type=~"payment\\\\..+"}[$__rate_interval])), '
+        '"status", "$1", "type", "payment\\\\.(.+)") > 0 and on (service) up offset 10m unless 1e3 < bool foo:bar'
+    ) == {"clearhouse_events_published_total", "up", "foo:bar"}
 
 
 def test_overview_dashboard_shows_red_outbox_consumers_and_relays():
@@ -354,6 +367,24 @@ def test_overview_dashboard_shows_red_outbox_consumers_and_relays():
         "clearhouse_outbox_backlog", "clearhouse_outbox_oldest_unpublished_age_seconds",
         "clearhouse_consumer_lag", "clearhouse_dlq_messages_total", "clearhouse_relay_active",
     } <= used
+
+
+def test_money_dashboard_shows_payments_approvals_postings_and_breaks():
+    [board_file] = [p for p in dashboards() if p.name == "clearhouse-money.json"]
+    board = json.loads(board_file.read_text())
+    assert board["uid"] and board["title"] and board["uid"] != "clearhouse-overview"
+    assert len({p["id"] for p in board["panels"]}) == len(board["panels"]), "panel ids are unique"
+    for panel in board["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "prometheus" and panel["targets"], panel["title"]
+    exprs = "\n".join(dashboard_exprs(board_file))
+    assert {
+        "clearhouse_payments_in_flight", "clearhouse_payments_oldest_in_flight_age_seconds",
+        "clearhouse_approvals_pending", "clearhouse_approvals_oldest_pending_age_seconds",
+        "clearhouse_ledger_transactions_posted_total", "clearhouse_reconciliation_breaks_open",
+        "clearhouse_reconciliation_oldest_open_break_age_seconds", "clearhouse_events_published_total",
+    } <= referenced_metrics(exprs)
+    assert 'service="payments", type=~"payment' in exprs, "payments by status over time"
 
 
 def test_grafana_provisioning_matches_the_dashboards_and_datasources():
@@ -472,7 +503,9 @@ def test_every_deployment_has_the_probes_of_its_role():
             assert readiness["path"] == ("/healthz" if name == "sandbox" else "/readyz"), name
         else:
             assert component in ("relay", "consumer"), name
-            assert liveness == {"path": "/metrics", "port": "metrics"}, name
+            # The health server beside /metrics (shared/health.py).
+            assert liveness == {"path": "/healthz", "port": "metrics"}, name
+            assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}, name
             variables = {e["name"]: e.get("value") for e in container["env"]}
             assert str(ports["metrics"]) == variables["METRICS_PORT"] == METRICS_PORT, name
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY
 
-KINDS = ("standard", "reversal", "hold_placed", "hold_posted", "hold_voided")
+from services.ledger.domain import TransactionKind
+
+KINDS = tuple(kind.value for kind in TransactionKind)
 
 
 def posted() -> dict[str, float]:
@@ -27,4 +29,4 @@ async def test_each_committed_transaction_is_counted_once_by_kind(api):
 
     after = posted()
     assert {kind: after[kind] - before[kind] for kind in KINDS} == {
-        "standard": 1, "reversal": 0, "hold_placed": 1, "hold_posted": 1, "hold_voided": 0}
+        **dict.fromkeys(KINDS, 0), "standard": 1, "hold_placed": 1, "hold_posted": 1}
