@@ -116,7 +116,7 @@ def cmd_keys_revoke(args) -> int:
 def cmd_verify(args) -> int:
     from clearhouse.verify import run
 
-    return run(_home())
+    return run(_home(), grace_s=args.grace)
 
 
 def cmd_events_catalogue(args) -> int:
@@ -187,8 +187,11 @@ def parser() -> argparse.ArgumentParser:
     revoke.add_argument("key", help="the key, its prefix ch_live_<id>, or its id")
     revoke.set_defaults(func=cmd_keys_revoke)
 
-    sub.add_parser("verify", help="check every invariant across all services' databases (read-only)").set_defaults(
-        func=cmd_verify)
+    verify = sub.add_parser("verify", help="check every invariant across all services' databases (read-only)")
+    verify.add_argument("--grace", type=float, default=60.0, metavar="SECONDS",
+                        help="how long a cross-service step may still be in flight before it counts as a "
+                             "violation (default 60; 0 once the platform is quiet)")
+    verify.set_defaults(func=cmd_verify)
 
     test = sub.add_parser("test", help="run the test suite against real PostgreSQL and a real broker")
     test.add_argument("pytest_args", nargs=argparse.REMAINDER)

@@ -13,6 +13,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,7 +179,27 @@ class EmbeddedBroker:
              "--storage-engine", "memory://tansu/"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
+        log.close()  # the child has its own copy; a restarted broker must not leak ours
         _wait_for_port("127.0.0.1", self.port, timeout=timeout, what="Tansu broker", log=self.log_path)
+
+    def restart_if_dead(self) -> bool:
+        """Start the broker again if its process exited (killed, crashed). It comes back
+        empty: the relays notice their topic is gone and replay the event log into it.
+        Returns whether it restarted."""
+        if self.process is None or self.process.poll() is None:
+            return False
+        dead = self.process
+        print(f"  ! Tansu broker exited with code {dead.returncode}; restarting it (empty: the relays replay)",
+              file=sys.stderr, flush=True)
+        try:
+            self.start()
+        except EmbeddedError as exc:
+            if self.process is not dead:
+                self.stop()
+            self.process = dead  # still dead: the next check tries again
+            print(f"  ! Tansu broker did not restart: {exc}", file=sys.stderr, flush=True)
+            return False
+        return True
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

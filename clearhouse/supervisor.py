@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,9 +74,14 @@ class Supervisor:
                 time.sleep(0.1)
         return [f"{name} not healthy within {timeout:.0f}s (log: {c.spec.log_path})" for name, c in pending.items()]
 
-    def watch(self, stop_requested) -> None:
-        """Restart children that exit, with backoff, until `stop_requested()` is true."""
+    def watch(self, stop_requested, *, also: Sequence[Callable[[], object]] = ()) -> None:
+        """Restart children that exit, with backoff, until `stop_requested()` is true.
+        `also`: checks run on every tick for servers started outside the supervisor (the
+        embedded broker), each restarting its server if it died; a death must never stop
+        the platform."""
         while not stop_requested():
+            for check in also:
+                check()
             now = time.monotonic()
             for child in self.children:
                 proc = child.process

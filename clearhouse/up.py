@@ -32,7 +32,7 @@ from gateway.keys import ensure_demo_key
 from shared import migrate
 from shared.db import plain_url
 from shared.kafka import ensure_topics, service_topics
-from shared.relay import Relay
+from shared.relay import Relay, marker_topic
 
 API_PORTS = {"gateway": 8000, "payments": 8001, "approvals": 8002, "ledger": 8003, "reconciliation": 8004,
              "sandbox": 8010}
@@ -55,7 +55,10 @@ class Platform:
 
 
 def say(message: str) -> None:
-    print(message, flush=True)
+    try:
+        print(message, flush=True)
+    except OSError:
+        pass  # nobody reads our output any more (a closed pipe): stopping must still stop everything
 
 
 def _state(home: Path) -> dict:
@@ -144,7 +147,9 @@ def prepare(home: Path, admin_url: str, bootstrap: str, state: dict) -> Platform
     for name in names:
         migrate.upgrade(migrations_dir(name), databases[name].owner_url, databases[name].app_role)
     say(f"• topics: {', '.join(service_topics())}")
-    created = asyncio.run(ensure_topics(bootstrap, service_topics()))
+    # With the relays' broker-loss markers, so that the relays do not replay again what
+    # `_replay_into_fresh_broker` is about to replay.
+    created = asyncio.run(ensure_topics(bootstrap, service_topics() + [marker_topic(s) for s in SERVICES]))
     _replay_into_fresh_broker(databases, bootstrap, created)
     ports = {n: _port(state, n, port) for n, port in API_PORTS.items()}
     private_key, public_key = _keys(home)
@@ -179,12 +184,15 @@ def process_specs(platform: Platform, state: dict) -> list[ProcessSpec]:
                            logs / f"{name}-{role}.log")
 
     specs, metrics_port = [], METRICS_BASE_PORT
+    metrics_targets = []  # every process's /metrics, for the console's Health page
     for name in SERVICES:
         env = {"DATABASE_URL": platform.databases[name].app_url, "PORT": str(ports[name]),
                "PAYMENTS_SANDBOX_URL": f"http://127.0.0.1:{ports['sandbox']}"}
         specs.append(spec(name, "api", env, ports[name], "/healthz"))
+        metrics_targets.append(f"{name}-api=http://127.0.0.1:{ports[name]}/metrics")
         for role in ("relay", "consumer"):
             port = _port(state, f"{name}-{role}-metrics", metrics_port)
+            metrics_targets.append(f"{name}-{role}=http://127.0.0.1:{port}/metrics")
             metrics_port += 1
             specs.append(spec(name, role, {**env, "METRICS_PORT": str(port)}, port, "/metrics"))
     specs.append(spec("sandbox", "api", {
@@ -194,6 +202,7 @@ def process_specs(platform: Platform, state: dict) -> list[ProcessSpec]:
     specs.append(spec("gateway", "api", {
         "DATABASE_URL": platform.databases["gateway"].app_url, "PORT": str(ports["gateway"]),
         "INTERNAL_TOKEN_PRIVATE_KEY": platform.private_key,
+        "CONSOLE_METRICS_TARGETS": ",".join(metrics_targets),
         **{f"{s.upper()}_URL": f"http://127.0.0.1:{ports[s]}" for s in SERVICES},
     }, ports["gateway"], "/healthz"))
     return specs
@@ -229,9 +238,10 @@ def up(home: Path) -> int:
         for name, port in platform.ports.items():
             say(f"  {name:<15} http://127.0.0.1:{port}")
         say(f"\n  gateway URL     http://127.0.0.1:{platform.ports['gateway']}   (the public API; docs at /docs)"
-            f"\n  demo API key    {key}   (tenant demo, every scope)")
+            f"\n  demo API key    {key}   (tenant demo, every scope)"
+            f"\n  console         http://127.0.0.1:{platform.ports['gateway']}/console   (sign in with an API key)")
         say(f"  logs            {home / 'logs'}\n  traces          {home / 'traces'}\nCtrl-C stops everything.")
-        supervisor.watch(lambda: stopping)
+        supervisor.watch(lambda: stopping, also=[broker.restart_if_dead] if broker else [])
         return 0
     except KeyboardInterrupt:
         return 0

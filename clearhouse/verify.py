@@ -1,8 +1,9 @@
 """`clearhouse verify`: checks the invariants of the design across every service's
 database, read-only, and reports each violation with ids.
 
-Each service owns the checks of its own data (`services/<name>/verify.py`); this module
-only finds the databases, runs the checks and prints the outcome. Exit code 1 on any
+Each service owns the checks of its own data (`services/<name>/verify.py`); the checks
+that join two services' data live in `clearhouse/crosscheck.py`; this module only finds
+the databases, runs the checks and prints the outcome. Exit code 1 on any
 violation or on a database that cannot be read.
 """
 
@@ -14,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from clearhouse.crosscheck import verify_across
 from clearhouse.provision import service_urls
 from clearhouse.serve import SERVICES
 
@@ -51,8 +53,18 @@ async def verify_all(urls: dict[str, str]) -> dict[str, list[str]]:
     return results
 
 
-def run(home: Path) -> int:
-    results = asyncio.run(verify_all(database_urls(home)))
+async def verify_everything(urls: dict[str, str], *, grace_s: float) -> dict[str, list[str]]:
+    """Each service's own checks, then the ones across services (`clearhouse.crosscheck`)."""
+    results = await verify_all(urls)
+    try:
+        results["across services"] = await verify_across(urls, grace_s=grace_s)
+    except Exception as exc:  # as above: unreadable is a failed verification
+        results["across services"] = [f"could not verify: {type(exc).__name__}: {exc}"]
+    return results
+
+
+def run(home: Path, *, grace_s: float = 60.0) -> int:
+    results = asyncio.run(verify_everything(database_urls(home), grace_s=grace_s))
     failed = False
     for service, violations in results.items():
         if violations:

@@ -58,6 +58,17 @@ def make_consumer(bootstrap: str, *topics: str, group_id: str, **overrides) -> A
     return AIOKafkaConsumer(*topics, **options)
 
 
+async def missing_topics(bootstrap: str, topics: list[str]) -> list[str]:
+    """Which of `topics` the broker does not have (listing never creates a topic)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        return [t for t in topics if t not in existing]
+    finally:
+        await admin.close()
+
+
 async def ensure_topics(bootstrap: str, topics: list[str], partitions: int = DEFAULT_PARTITIONS) -> list[str]:
     """Create the topics that do not exist yet; returns the ones created (a fresh broker
     answers with all of them, which is how a relay learns that it must replay)."""

@@ -15,8 +15,12 @@ only the acknowledged prefix of a batch is marked; after a failure the relay bac
 and resends from the first unacknowledged event. Consumers deduplicate what is resent.
 
 The relay never edits an event: it only sets `published_at`. If the broker lost its data
-(the embedded broker is in-memory), the relay notices its topic is gone and replays the
-whole log into the fresh broker.
+(the embedded broker is in-memory), the relay notices and replays the whole log into the
+fresh broker. The witness is a marker topic (`<service>.events.epoch`) that only admin
+requests ever touch: the events topic itself is no witness, because a fresh broker
+auto-creates it the moment a consumer subscribes or a producer asks for its metadata,
+and a relay that judged by it would miss the loss and strand every event the consumers
+had not read yet (the fault suite found exactly that).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import asyncio
 import logging
 import time
 import zlib
+from collections import Counter
 from datetime import datetime, timezone
 
 import asyncpg
@@ -34,7 +39,7 @@ from opentelemetry.trace import SpanKind
 from shared import metrics
 from shared.db import plain_url
 from shared.envelope import StoredEvent, encode
-from shared.kafka import ensure_topics, make_producer
+from shared.kafka import ensure_topics, make_producer, missing_topics
 from shared.schema import OUTBOX_CHANNEL
 from shared.telemetry import kafka_span, traceparent_of_current_span
 
@@ -72,6 +77,7 @@ class Relay:
     ) -> None:
         self.service = service
         self.topic = f"{service}.events"
+        self.marker_topic = marker_topic(service)
         self.source = f"/clearhouse/{service}"
         self._dsn = plain_url(database_url)
         self._bootstrap = bootstrap
@@ -143,13 +149,18 @@ class Relay:
 
     async def _replay_if_broker_lost(self, conn: asyncpg.Connection, producer) -> None:
         created = await ensure_topics(self._bootstrap, [self.topic, f"{self.topic}.dlq"])
-        if self.topic in created:
-            last = await conn.fetchval("SELECT max(seq) FROM events WHERE published_at IS NOT NULL")
-            if last:
-                log.warning("relay %s: topic %s was missing (broker lost its data); replaying seq 1..%d",
-                            self.service, self.topic, last)
-                count = await self._publish_range(conn, producer, 1, last)
-                log.info("relay %s: replayed %d events", self.service, count)
+        lost = await missing_topics(self._bootstrap, [self.marker_topic])
+        if not lost and self.topic not in created:
+            return
+        last = await conn.fetchval("SELECT max(seq) FROM events WHERE published_at IS NOT NULL")
+        if last:
+            log.warning("relay %s: topic %s was missing (broker lost its data); replaying seq 1..%d",
+                        self.service, (lost or created)[0], last)
+            count = await self._publish_range(conn, producer, 1, last)
+            log.info("relay %s: replayed %d events", self.service, count)
+        # The marker only once the replay is acknowledged: a replay that failed half-way
+        # (a fresh broker refusing writes) must be tried again from the start, not forgotten.
+        await ensure_topics(self._bootstrap, [self.marker_topic])
 
     # ── one batch ────────────────────────────────────────────────────────────────
     async def _publish_batch(self, conn: asyncpg.Connection, producer) -> int:
@@ -161,10 +172,11 @@ class Relay:
         if acked:
             await conn.execute(_MARK, [e.seq for e in acked])
             now = datetime.now(timezone.utc)
-            metrics.EVENTS_PUBLISHED.labels(self.service).inc(len(acked))
             latency = metrics.RELAY_LATENCY.labels(self.service)
             for event in acked:
                 latency.observe(max(0.0, (now - event.occurred_at).total_seconds()))
+            for event_type, count in Counter(e.type for e in acked).items():
+                metrics.EVENTS_PUBLISHED.labels(self.service, event_type).inc(count)
         if error is not None:
             raise PublishFailed(f"publishing seq {events[len(acked)].seq} failed: {error!r}") from error
         return len(acked)
@@ -224,6 +236,12 @@ class Relay:
                 raise PublishFailed(f"replay stopped at seq {events[len(acked)].seq}: {error!r}") from error
             cursor = events[-1].seq + 1
         return sent
+
+
+def marker_topic(service: str) -> str:
+    """The topic whose absence tells a relay the broker lost its data. Nothing produces to
+    it or subscribes to it, so no broker ever creates it by itself."""
+    return f"{service}.events.epoch"
 
 
 def _acked_prefix(events: list[StoredEvent], results: list) -> list[StoredEvent]:

@@ -24,6 +24,9 @@ Deterministic triggers, like card test numbers:
     reference containing OUTOFORDER     the final webhook is delivered before `processing`
     reference containing NOWEBHOOK      no webhooks: the status is only learned by polling
 
+Chaos mode (`webhook_chaos_seed` set, for the fault suite): every webhook is delivered 1–3
+times, each copy after its own random delay, so duplicates and reordering are the rule.
+
 State lives in SQLite (`db_path`; ":memory:" by default, a file under `clearhouse up`),
 so a restarted sandbox still knows its payouts, resumes unfinished lifecycles and serves
 past statements. It stores the creditor's IBAN masked only and never the name: it needs
@@ -36,6 +39,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import random
 import sqlite3
 import time
 import uuid
@@ -116,6 +120,8 @@ class SandboxProcessor:
         self._flaky_calls: dict[str, int] = {}
         self._stalled: set[str] = set()
         self._http: httpx.AsyncClient | None = None
+        seed = settings.webhook_chaos_seed
+        self._chaos = random.Random(seed) if seed is not None else None
 
     # ── process lifecycle ──
     async def start(self) -> None:
@@ -292,6 +298,12 @@ class SandboxProcessor:
     def _enqueue(self, object_id: str, body: bytes, reference: str) -> None:
         if "NOWEBHOOK" in reference:
             return
+        if self._chaos is not None:
+            # Unchained on purpose: the copies of this and the other webhooks of the same
+            # payout race each other, as a processor's retries do after a timeout.
+            for _ in range(self._chaos.randint(1, 3)):
+                self._spawn(self._post_later(self._chaos.uniform(0, self.settings.webhook_chaos_max_delay_s), body))
+            return
         previous = self._deliveries.get(object_id)
         task = self._spawn(self._deliver_after(previous, body, reference))
         self._deliveries[object_id] = task
@@ -303,6 +315,10 @@ class SandboxProcessor:
             await asyncio.gather(previous, return_exceptions=True)
         copies = 2 if "DOUBLE" in reference else 1
         await asyncio.gather(*(self._post(body) for _ in range(copies)))
+
+    async def _post_later(self, delay_s: float, body: bytes) -> None:
+        await asyncio.sleep(delay_s)
+        await self._post(body)
 
     async def _post(self, body: bytes) -> None:
         for attempt in range(self.settings.webhook_attempts):

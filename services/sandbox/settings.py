@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     stall_s: float = Field(default=10.0, ge=0)  # how long a TIMEOUT reference stalls its first answer
     webhook_attempts: int = Field(default=8, ge=1)
     webhook_timeout_s: float = Field(default=5.0, gt=0)
+    # Chaos mode (the fault suite): when a seed is set, every webhook is delivered 1–3
+    # times, each copy after its own random delay up to the maximum, in no particular order.
+    webhook_chaos_seed: int | None = None
+    webhook_chaos_max_delay_s: float = Field(default=2.0, ge=0)
     # SQLite file for the sandbox's state; ":memory:" forgets everything on restart.
     db_path: str = ":memory:"
     account_id: str = "SANDBOX-SETTLEMENT"

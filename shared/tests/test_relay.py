@@ -14,9 +14,11 @@ import sys
 import asyncpg
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from shared.db import plain_url
-from shared.relay import Relay
+from shared.kafka import ensure_topics
+from shared.relay import PublishFailed, Relay
 from shared.tests.conftest import eventually, read_topic
 
 
@@ -56,6 +58,19 @@ async def test_publishes_iff_committed_with_cloudevents_headers(kit, platform):
     assert headers["ce_subject"] == b"a" and records[0].key == b"a"
     assert headers["ce_tenantid"] == b"t1" and headers["ce_actor"] == b"user:test"
     assert orjson.loads(records[0].value) == {"by": 1, "value": 1}
+
+
+async def test_published_events_are_counted_by_service_and_type(kit, platform):
+    """`payment.settled.v1` published per second is how dashboards show payments by status."""
+    def published() -> float:
+        return REGISTRY.get_sample_value("clearhouse_events_published_total",
+                                         {"service": kit.service, "type": "counter.incremented.v1"}) or 0.0
+
+    for counter in ("a", "b", "a"):
+        await kit.increment(counter)
+    async with running(make_relay(kit, platform)):
+        await eventually(lambda: kit.scalar("SELECT count(*) = 0 FROM events WHERE published_at IS NULL"))
+    assert published() == 3
 
 
 async def test_wakes_on_notify_without_waiting_for_the_poll(kit, platform):
@@ -159,6 +174,42 @@ async def test_survives_a_broker_outage_and_replays_into_an_empty_broker(kit, pl
         records = await read_topic(platform.bootstrap, kit.topic, expect=5, timeout=30)
     assert set(event_ids(records)) == {str(e.id) for e in before + after}
     assert await kit.scalar("SELECT count(*) FROM events WHERE published_at IS NULL") == 0
+
+
+async def test_broker_loss_is_seen_even_when_the_events_topic_came_back_first(kit, platform):
+    """A fresh broker auto-creates a topic as soon as a consumer subscribes to it: the
+    events topic existing again proves nothing, the relay's marker topic does."""
+    before = [await kit.increment("m") for _ in range(3)]
+    async with running(make_relay(kit, platform)):
+        await read_topic(platform.bootstrap, kit.topic, expect=3)
+    platform.restart_broker()
+    await ensure_topics(platform.bootstrap, [kit.topic])  # what a subscribing consumer makes the broker do
+    async with running(make_relay(kit, platform)):
+        records = await read_topic(platform.bootstrap, kit.topic, expect=3, timeout=30)
+    assert event_ids(records) == [str(e.id) for e in before]
+
+
+async def test_a_replay_that_failed_half_way_is_tried_again(kit, platform):
+    """A fresh broker may refuse the first writes (Tansu answers errors while it settles):
+    the loss is remembered until a replay went through, not just until one started."""
+    before = [await kit.increment("h") for _ in range(3)]
+    async with running(make_relay(kit, platform)):
+        await read_topic(platform.bootstrap, kit.topic, expect=3)
+    platform.restart_broker()
+    await ensure_topics(platform.bootstrap, [kit.topic])  # a consumer's subscription recreates it
+    relay, refused = make_relay(kit, platform), []
+    publish_range = relay._publish_range
+
+    async def refuse_the_first(conn, producer, first, last):
+        if not refused:
+            refused.append((first, last))
+            raise PublishFailed(f"replay stopped at seq {first}: the broker refused it")
+        return await publish_range(conn, producer, first, last)
+
+    relay._publish_range = refuse_the_first
+    async with running(relay):
+        records = await read_topic(platform.bootstrap, kit.topic, expect=3, timeout=30)
+    assert refused and event_ids(records) == [str(e.id) for e in before]
 
 
 async def test_replay_publishes_a_range_again(kit, platform):

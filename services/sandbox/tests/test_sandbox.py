@@ -268,3 +268,28 @@ async def test_an_api_key_is_required_when_configured(tmp_path):
         health = await http.get("/healthz")
     assert refused.status_code == wrong.status_code == 401 and refused.json()["code"] == "invalid_api_key"
     assert allowed.status_code == 200 and health.status_code == 200
+
+
+async def test_chaos_mode_delivers_every_webhook_one_to_three_times_out_of_order(tmp_path):
+    receiver = Receiver()
+    async with serving(receiver.app) as hook_url:
+        settings = Settings(webhook_url=f"{hook_url}/hook", webhook_secret=SECRET, processing_delay_s=0.0,
+                            settle_delay_s=0.0, db_path=str(tmp_path / "state.sqlite3"),
+                            webhook_chaos_seed=7, webhook_chaos_max_delay_s=0.5)
+        async with serving(create_app(settings)) as url, httpx.AsyncClient(base_url=url) as http:
+            ids = [(await post(http, "/v1/payouts", payout(reference=f"chaos {n}"))).json()["id"] for n in range(8)]
+            for payout_id in ids:
+                await final(http, payout_id)
+            # Every event arrives at least once: processing and the final word, per payout.
+            await eventually(lambda: all({"payout.processing", "payout.settled"} <= set(receiver.types(i))
+                                         for i in ids), timeout=10)
+            await asyncio.sleep(0.6)  # the last copies are at most 0.5 s behind
+    copies = [[e["id"] for e in receiver.received if e["type"] == kind and e["data"]["object"]["id"] == i]
+              for i in ids for kind in ("payout.processing", "payout.settled")]
+    assert all(1 <= len(c) <= 3 and len(set(c)) == 1 for c in copies), copies  # redeliveries keep the event id
+    assert sum(len(c) for c in copies) > len(copies)  # some were duplicated
+    # Out of order: with no settle delay the copies race, so some payout is told
+    # `settled` before (a copy of) `processing`.
+    assert any(receiver.types(i).index("payout.settled") < len(receiver.types(i)) - 1
+               and "payout.processing" in receiver.types(i)[receiver.types(i).index("payout.settled"):]
+               for i in ids)
