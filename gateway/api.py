@@ -8,6 +8,7 @@
         GET /v1/payments/{id}/timeline       composed (composition.py)
         GET /v1/payments/{id}[?expand=...]   proxied, or composed when expanding
         /v1/{payments|approvals|ledger|reconciliation}/...   proxied (proxy.py)
+        /console/...                          the operations console (gateway/console)
 
 It refuses to start without the internal-token signing key: a gateway that cannot sign
 would turn every request into a 401 from the services.
@@ -27,26 +28,26 @@ from fastapi import Path as PathParam
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
-from sqlalchemy import text
 
 from gateway import composition
+from gateway.console import install as install_console
 from gateway.errors import GATEWAY_ERRORS, NotFound
 from gateway.openapi import OpenApiMerger
 from gateway.proxy import Gateway
 from gateway.routes import PROXIED_METHODS, resolve
 from gateway.settings import Settings
 from shared import metrics
-from shared.api import NotReady, RequestContextMiddleware, migration_heads
+from shared.api import RequestContextMiddleware, answer_readiness
 from shared.auth import sign_internal_token
 from shared.db import make_engine
 from shared.errors import install_problem_handlers, problem_responses
+from shared.health import standard_checks
 from shared.logs import setup_logging
 from shared.telemetry import instrument_app, instrument_engine, instrument_httpx, setup_telemetry
 
 log = logging.getLogger(__name__)
 
 SERVICE = "gateway"
-_PROBE_TIMEOUT_S = 2.0
 MIGRATIONS = Path(__file__).parent / "migrations"
 PaymentId = Annotated[str, PathParam(min_length=1, max_length=64, description="The payment's id")]
 
@@ -69,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     engine = make_engine(settings.database_url, pool_size=settings.db_pool_size, application_name="gateway-api")
     instrument_engine(engine)
     gateway = Gateway(settings, engine=engine, signing_key=signing_key)
-    expected_heads = migration_heads(MIGRATIONS)
+    readiness_checks = standard_checks(engine=engine, migrations_dir=MIGRATIONS, bootstrap=None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -81,6 +82,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             warm.cancel()
             await asyncio.gather(warm, return_exceptions=True)
+            if console_health is not None:
+                await console_health.aclose()
             await gateway.stop()
             await engine.dispose()
 
@@ -101,19 +104,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/readyz", include_in_schema=False)
-    async def readyz() -> dict[str, str]:
-        """The key database answers at the expected schema. Upstreams are not checked:
-        one service down must not take the door to the others off the load balancer."""
-        try:
-            async with asyncio.timeout(_PROBE_TIMEOUT_S), engine.connect() as conn:
-                applied = set((await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars())
-        except Exception as exc:  # any failure means "not ready"; the reason is for the log
-            log.warning("readiness check failed: %s", type(exc).__name__)
-            raise NotReady("The key database is not reachable.") from None
-        if applied != expected_heads:
-            raise NotReady(f"The key database is at {sorted(applied) or 'no revision'}, "
-                           f"this code expects {sorted(expected_heads)}.")
-        return {"status": "ready"}
+    async def readyz() -> dict:
+        """The key database answers at the expected schema. Neither upstreams nor the
+        broker are checked: the gateway never talks to Kafka, and one service down must
+        not take the door to the others off the load balancer."""
+        return await answer_readiness(readiness_checks)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
@@ -155,6 +150,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response = await composition.payment_with_expansions(gateway, caller, payment_id, wanted)
         response.headers.update(caller.rate.headers())
         return response
+
+    # --- the operations console (gateway/console): HTML for people, not in the API document
+
+    console_health = install_console(app, engine=engine, settings=settings) if settings.console_enabled else None
 
     # --- proxied -------------------------------------------------------------------------
 

@@ -65,6 +65,22 @@ class Settings(KitSettings):
     openapi_cache_ttl_s: float = 60.0
     openapi_retry_s: float = 5.0
 
+    # --- the operations console (gateway/console, docs/console.md) ---------------------
+    console_enabled: bool = True
+    console_session_ttl_s: int = 8 * 3600  # absolute: a working day, then sign in again
+    console_idle_timeout_s: int = 30 * 60  # no page opened (background polls do not count)
+    # None: Secure when the request arrived over https; set true behind a TLS-terminating proxy.
+    console_cookie_secure: bool | None = None
+    # A trace UI's address with {trace_id}, e.g. http://localhost:16686/trace/{trace_id} (Jaeger).
+    console_trace_url: str | None = None
+    # Where the Health page scrapes: "name=url,name=url". Empty: each upstream's /metrics;
+    # `clearhouse up` also names every relay and consumer process.
+    console_metrics_targets: str = ""
+    console_poll_interval_s: float = 3.0
+    # Health shows platform-wide numbers (no tenant data); empty: every signed-in
+    # principal sees it, else only principals of these tenants ("ops,platform").
+    console_health_tenants: str = ""
+
     def upstream_url(self, service: str) -> str:
         return getattr(self, f"{service}_url")
 

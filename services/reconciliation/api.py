@@ -4,6 +4,7 @@ case, map the result.
     POST /v1/reconciliation/statements           reconciliation:write  201 new | 200 same file again
     GET  /v1/reconciliation/statements/{id}      reconciliation:read
     POST /v1/reconciliation/runs                 reconciliation:write  202 queued (Idempotency-Key)
+    GET  /v1/reconciliation/runs?status&limit&cursor   reconciliation:read  newest first
     GET  /v1/reconciliation/runs/{id}            reconciliation:read   status and progress
     GET  /v1/reconciliation/breaks?run_id&statement_id&status&type&limit&cursor   reconciliation:read
     GET  /v1/reconciliation/breaks/{id}          reconciliation:read
@@ -36,7 +37,7 @@ from services.reconciliation.domain import (
 )
 from services.reconciliation.schemas import (
     BreakFilters, BreakList, BreakPublic, BreakResolution, BreakResolve, RulesEnvelope, RulesPublic, RunCreate,
-    RunPublic, StatementPublic,
+    RunFilters, RunList, RunPublic, StatementPublic,
 )
 from services.reconciliation.settings import Settings
 from services.reconciliation.statements import FORMATS, format_for
@@ -178,6 +179,17 @@ async def create_run(body: RunCreate, principal: Writer, idem: IdempotencyDep,
 
     return await idem.run(sessionmaker, use_case, status_code=202,
                           headers=lambda run: {"Location": f"/v1/reconciliation/runs/{run.id}"})
+
+
+@router.get("/runs", response_model=RunList, summary="Runs, newest first, with their progress",
+            responses=problem_responses(400, 422, *_AUTH, service.InvalidCursor))
+async def list_runs(filters: Annotated[RunFilters, Query()], principal: Reader,
+                    sessionmaker: SessionmakerDep) -> RunList:
+    async with sessionmaker() as session:
+        page, next_cursor = await service.list_runs(session=session, tenant_id=principal.tenant_id,
+                                                    status=filters.status, cursor=filters.cursor,
+                                                    limit=filters.limit)
+    return RunList(data=[RunPublic.of(row) for row in page], next_cursor=next_cursor)
 
 
 @router.get("/runs/{run_id}", response_model=RunPublic, summary="A run's status and progress",

@@ -288,6 +288,20 @@ async def get_run(session: AsyncSession, *, tenant_id: str, run_id: uuid.UUID) -
                                        {"tenant": tenant_id, "id": run_id})).mappings().one_or_none())
 
 
+async def list_runs(session: AsyncSession, *, tenant_id: str, status: str | None,
+                    before: tuple[datetime, uuid.UUID] | None, limit: int) -> list[RunRow]:
+    """The tenant's runs, newest first (runs_by_statement leads with tenant_id; a tenant
+    has a few runs a day, so the sort is over few rows)."""
+    rows = (await session.execute(text(f"""
+        SELECT {_RUN_FIELDS} FROM runs
+        WHERE tenant_id = :tenant AND (CAST(:status AS text) IS NULL OR status = :status)
+          AND (CAST(:before_at AS timestamptz) IS NULL OR (created_at, id) < (:before_at, CAST(:before_id AS uuid)))
+        ORDER BY created_at DESC, id DESC LIMIT :limit"""),
+        {"tenant": tenant_id, "status": status, "before_at": before[0] if before else None,
+         "before_id": before[1] if before else None, "limit": limit})).mappings().all()
+    return [RunRow(**row) for row in rows]
+
+
 async def fail_exhausted_runs(session: AsyncSession, *, max_attempts: int) -> list[RunRow]:
     """Runs whose worker died `max_attempts` times: failed, not retried for ever."""
     rows = (await session.execute(text(f"""

@@ -229,6 +229,18 @@ async def get_run(*, session: AsyncSession, tenant_id: str, run_id: str) -> repo
     return found
 
 
+async def list_runs(*, session: AsyncSession, tenant_id: str, status: str | None, cursor: str | None,
+                    limit: int) -> tuple[list[repository.RunRow], str | None]:
+    """The tenant's runs, newest first, a page at a time (the console's run list)."""
+    before = _decode_cursor(cursor) if cursor else None
+    rows = await repository.list_runs(session, tenant_id=tenant_id, status=status, before=before, limit=limit + 1)
+    page = rows[:limit]
+    if len(rows) <= limit:
+        return page, None
+    raw = f"{page[-1].created_at.isoformat()}|{page[-1].id}".encode()
+    return page, base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
 async def execute_run(*, uow: UnitOfWork, run: repository.RunRow, work_mem_mb: int,
                       progress: matching.Progress) -> matching.RunOutcome:
     """Reconcile the run's statement and complete the run, in the unit of work's
