@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from gateway.composition import EXPANSIONS
-from gateway.errors import GATEWAY_ERRORS
+from gateway.errors import GATEWAY_ERRORS, NotFound
 from gateway.routes import WEBHOOKS_PREFIX, resolve
 from gateway.settings import UPSTREAMS
 from gateway.upstream import Upstreams
@@ -187,6 +187,11 @@ def _decorate(path: str, item: dict) -> None:
             gateway_errors = list(GATEWAY_ERRORS)
         if method in ("get", "head", "delete"):
             gateway_errors = [e for e in gateway_errors if e.status != 413]
+        if "{" in path:
+            # A path parameter of `.`, `..` or nothing is refused by the gateway itself (routes.resolve),
+            # and one no route of the service matches is the service's 404: any such operation can answer it.
+            gateway_errors.append(NotFound)
+        _problem_validation_errors(responses)
         for status, response in problem_responses(*gateway_errors).items():
             response = {k: v for k, v in response.items() if k != "model"}
             existing = responses.get(str(status))
@@ -196,6 +201,16 @@ def _decorate(path: str, item: dict) -> None:
                 existing["description"] = f"{existing.get('description', '')}; gateway: {response['description']}"
         if method == "get" and _is_payment_path(path):
             _add_expand(operation)
+
+
+def _problem_validation_errors(responses: dict) -> None:
+    """FastAPI documents its automatic 422 as `application/json` HTTPValidationError, but the
+    kit's handler answers every validation failure as problem+json: say what is sent."""
+    for status, response in responses.items():
+        schema = ((response.get("content") or {}).get("application/json") or {}).get("schema") or {}
+        if str(schema.get("$ref", "")).endswith("HTTPValidationError"):
+            responses[status] = {k: v for k, v in problem_responses(int(status))[int(status)].items() if k != "model"}
+            responses[status]["description"] = "Unprocessable Content (validation_error)"
 
 
 def _is_payment_path(path: str) -> bool:

@@ -27,6 +27,12 @@ from gateway.errors import UpstreamBusy, UpstreamError, UpstreamTimeout, Upstrea
 from gateway.settings import UPSTREAMS, Settings
 
 log = logging.getLogger(__name__)
+# Idle pooled connections to a service are dropped after this long, before uvicorn (which
+# the services run with its default `timeout_keep_alive` of 5 s) closes them from its side:
+# a connection the service closes just as the gateway reuses it breaks the request off
+# (ReadError: a 502 for a POST that may have taken effect). It was 30 s, longer than the
+# services keep a connection, so every connection idle for 5 s was exposed to that race.
+UPSTREAM_KEEPALIVE_S = 4.0
 
 # httpcore asks `import sniffio` every time it sets up a lock (several times per request);
 # when sniffio is not installed that failed import scans sys.path each time, about 1.5 ms
@@ -69,7 +75,7 @@ class Upstreams:
             transport = httpx.AsyncHTTPTransport(
                 limits=httpx.Limits(max_connections=settings.upstream_max_connections,
                                     max_keepalive_connections=settings.upstream_max_connections,
-                                    keepalive_expiry=30.0),
+                                    keepalive_expiry=UPSTREAM_KEEPALIVE_S),
                 trust_env=False,  # an HTTP(S)_PROXY in the environment must not reroute internal calls
             )
             self._transports[service] = transport

@@ -201,7 +201,9 @@ class TransactionPublic(BaseModel):
     id: uuid.UUID
     entries: list[TransactionEntryPublic]
     posted_at: datetime
-    kind: Literal["standard", "reversal", "hold_placed", "hold_posted", "hold_voided"]
+    # Every domain.TransactionKind: a kind missing here made listing a tenant's transactions a 500
+    # once a refund was posted (found by tests/hostile; test_schemas checks they stay in step).
+    kind: Literal["standard", "reversal", "hold_placed", "hold_posted", "hold_voided", "payment_refund"]
     description: str | None
     external_id: str | None
     metadata: dict[str, str]

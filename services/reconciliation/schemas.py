@@ -11,12 +11,28 @@ import uuid
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, StringConstraints, model_validator
 
 from services.reconciliation.domain import BreakType, Resolution, Rules
 from shared.money import AmountMinor, CurrencyCode
 
-Reason = Annotated[str, Strict(), StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
+
+
+def _storable(value: str) -> str:
+    # PostgreSQL text cannot hold NUL and asyncpg cannot encode a lone surrogate (stdlib JSON
+    # decodes "\ud800" into one): refuse both as a 422 here rather than fail with a 500 in the
+    # database (found by tests/hostile).
+    if "\x00" in value:
+        raise ValueError("text must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode") from None
+    return value
+
+
+Reason = Annotated[str, Strict(), StringConstraints(strip_whitespace=True, min_length=1, max_length=500),
+                   AfterValidator(_storable)]
 
 
 class _Strict(BaseModel):
@@ -84,6 +100,18 @@ class RunPublic(BaseModel):
                    stage_seconds=(row.stats or {}).get("seconds", {}), rules=row.rules,
                    error_code=row.error_code, attempts=row.attempts, requested_by=row.requested_by,
                    created_at=row.created_at, started_at=row.started_at, completed_at=row.completed_at)
+
+
+class RunList(BaseModel):
+    data: list[RunPublic]
+    next_cursor: str | None
+
+
+class RunFilters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    status: Literal["queued", "running", "completed", "failed"] | None = None
+    limit: int = Field(default=50, ge=1, le=100)
+    cursor: Annotated[str, StringConstraints(max_length=200)] | None = None
 
 
 # ── breaks ───────────────────────────────────────────────────────────────────────────

@@ -48,3 +48,12 @@ def test_metadata_is_flat_strings():
     for bad in ({"n": 1}, {"nested": {"a": "b"}}, {"": "x"}, {f"k{i}": "v" for i in range(51)}):
         with pytest.raises(ValidationError):
             adapter.validate_python(bad)
+
+
+def test_the_public_transaction_kind_names_every_kind_the_domain_posts():
+    from typing import get_args
+
+    from services.ledger.domain import TransactionKind
+    from services.ledger.schemas import TransactionPublic
+
+    assert set(get_args(TransactionPublic.model_fields["kind"].annotation)) == {k.value for k in TransactionKind}

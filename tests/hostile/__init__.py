@@ -1,0 +1,1 @@
+"""Hostile input and security checks against a running platform (issue 9)."""
