@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from services.payments import service
+from services.payments import jobs, service
 from services.payments.schemas import ApprovalDecided, HoldPlaced, HoldRejected, HoldVoided
 from shared.envelope import InboundEvent
 from shared.inbox import Consumer
@@ -55,6 +55,7 @@ async def on_approval_expired(uow: UnitOfWork, event: InboundEvent) -> None:
 
 async def on_hold_placed(uow: UnitOfWork, event: InboundEvent) -> None:
     await service.record_hold_placed(uow=uow, tenant_id=event.tenant_id, hold=_read(HoldPlaced, event))
+    uow.after_commit(jobs.submissions_due)  # this process's submitter sends it now, not at its next poll
 
 
 async def on_hold_rejected(uow: UnitOfWork, event: InboundEvent) -> None:

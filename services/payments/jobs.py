@@ -13,6 +13,10 @@
                attempt the processor confirms it never received
     purge      forgets idempotency keys older than 48 hours
 
+The submitter polls every `submit_poll_interval_s`, and is woken at once when this
+process's consumer commits a reservation (`submissions_due`, after commit): the money
+flow then waits for no poll between "funds reserved" and "sent to the processor".
+
 Crash safety: the processor call sits between two transactions. If the process dies
 after the call and before recording its answer, the attempt stays `sending` until its
 lease runs out; then it is sent again under the same request id, and the processor
@@ -126,6 +130,16 @@ class CircuitBreaker:
 
 # ── the jobs ───────────────────────────────────────────────────────────────────────
 
+_submitter_wakers: set[Callable[[], None]] = set()  # one per running Jobs in this process
+
+
+def submissions_due() -> None:
+    """Attempts became due in this process (a committed reservation): wake its submitter.
+    Other processes' submitters find them at their next poll."""
+    for wake in list(_submitter_wakers):
+        wake()
+
+
 
 class Jobs:
     def __init__(self, *, settings, sessionmaker: async_sessionmaker[AsyncSession],
@@ -138,13 +152,21 @@ class Jobs:
                                               cooldown_s=settings.breaker_cooldown_s) for name in connectors}
 
     async def run(self, stop: asyncio.Event) -> None:
-        await asyncio.gather(self._forever(stop, self.submit_due, self.settings.submit_poll_interval_s),
-                             self._forever(stop, self.check_in_doubt, self.settings.janitor_interval_s),
-                             self._forever(stop, self.purge_keys, PURGE_INTERVAL_S))
+        due = asyncio.Event()
+        _submitter_wakers.add(due.set)
+        try:
+            await asyncio.gather(self._forever(stop, self.submit_due, self.settings.submit_poll_interval_s, wake=due),
+                                 self._forever(stop, self.check_in_doubt, self.settings.janitor_interval_s),
+                                 self._forever(stop, self.purge_keys, PURGE_INTERVAL_S))
+        finally:
+            _submitter_wakers.discard(due.set)
 
-    async def _forever(self, stop: asyncio.Event, step: Callable[[], Awaitable[int]], interval: float) -> None:
+    async def _forever(self, stop: asyncio.Event, step: Callable[[], Awaitable[int]], interval: float, *,
+                       wake: asyncio.Event | None = None) -> None:
         failures = 0
         while not stop.is_set():
+            if wake is not None:
+                wake.clear()  # a wake-up during this step runs the next one at once
             try:
                 busy = await step()
                 failures = 0
@@ -154,7 +176,7 @@ class Jobs:
                 log.warning("payments job %s failed: %s", step.__name__, type(exc).__name__, exc_info=exc)
                 await _sleep_or_stop(stop, min(30.0, 0.5 * 2 ** min(failures, 6)))
             if not busy:
-                await _sleep_or_stop(stop, interval)
+                await _sleep_or_stop(stop, interval, wake=wake)
 
     # ── submitter ──
     async def submit_due(self) -> int:
@@ -302,8 +324,12 @@ async def run_jobs(settings, sessionmaker: async_sessionmaker[AsyncSession], sto
             await connector.aclose()
 
 
-async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
+async def _sleep_or_stop(stop: asyncio.Event, delay: float, *, wake: asyncio.Event | None = None) -> None:
+    waiters = [asyncio.ensure_future(stop.wait())]
+    if wake is not None:
+        waiters.append(asyncio.ensure_future(wake.wait()))
     try:
-        await asyncio.wait_for(stop.wait(), timeout=delay)
-    except asyncio.TimeoutError:
-        pass
+        await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -60,7 +60,7 @@ class Settings(KitSettings):
     submit_backoff_base_s: float = Field(default=0.5, gt=0, validation_alias=_env("submit_backoff_base_s"))
     submit_backoff_max_s: float = Field(default=60.0, gt=0, validation_alias=_env("submit_backoff_max_s"))
     # Attempts claimed and sent at once per round (each holds a connection while recorded).
-    submit_concurrency: int = Field(default=4, ge=1, le=100, validation_alias=_env("submit_concurrency"))
+    submit_concurrency: int = Field(default=16, ge=1, le=100, validation_alias=_env("submit_concurrency"))
     submit_poll_interval_s: float = Field(default=0.5, gt=0, validation_alias=_env("submit_poll_interval_s"))
     # Longer than the processor timeout: a claimed attempt is not claimed again while its
     # request may still be on the wire.
