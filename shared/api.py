@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from starlette.requests import ClientDisconnect
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.datastructures import Headers
@@ -144,6 +145,12 @@ class RequestContextMiddleware:
         started_at = time.perf_counter()
         try:
             await self.app(scope, receive, send_with_ids)
+        except ClientDisconnect:
+            # The client hung up before its request body arrived (a sender's timeout): no
+            # use case ran and nobody is left to answer. Counted as 499 (nginx's "client
+            # closed request"), not as an error of ours.
+            response_status = 499
+            logger.info("client disconnected before its %s %s was read", scope["method"], scope["path"])
         except Exception as exc:
             # Caught here rather than in Starlette's ServerErrorMiddleware so the 500 still
             # carries the ids, is counted, and the traceback is logged exactly once.

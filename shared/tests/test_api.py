@@ -49,6 +49,10 @@ def routers() -> tuple[APIRouter, APIRouter]:
     async def webhook() -> dict:
         return {"accepted": True}
 
+    @public.post("/webhooks/raw")
+    async def raw_webhook(request: Request) -> dict:  # reads its body itself, as signed webhooks do
+        return {"bytes": len(await request.body())}
+
     return private, public
 
 
@@ -140,6 +144,34 @@ async def test_bodies_over_the_limit_are_refused_while_streaming(app):
                                    content=chunks())
     assert response.status_code == 413
     assert response.json()["code"] == "payload_too_large"
+
+
+async def test_a_client_that_hangs_up_before_its_body_is_counted_not_logged_as_our_error(app, caplog):
+    """A sender that gives up (its timeout) before its body arrived: no answer is owed,
+    no 500 is logged or counted; the request shows as 499, client closed request."""
+    def count(status: str) -> float:
+        return REGISTRY.get_sample_value("clearhouse_http_requests_total", {
+            "service": SERVICE, "method": "POST", "route": "/webhooks/raw", "status": status}) or 0.0
+
+    before = count("499")
+    sent: list = []
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    headers = [(k.lower().encode(), v.encode()) for k, v in {**bearer(), "content-type": "application/json",
+                                                              "content-length": "20"}.items()]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "path": "/webhooks/raw", "raw_path": b"/webhooks/raw", "query_string": b"", "headers": headers, "scheme": "http",
+             "server": ("test", 80), "client": ("127.0.0.1", 5000), "root_path": ""}
+    with caplog.at_level(logging.INFO):
+        await app(scope, receive, send)
+    assert count("499") == before + 1 and count("500") == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not any(m["type"] == "http.response.start" and m["status"] >= 500 for m in sent)
 
 
 async def test_healthz_and_readyz_at_head(app):
