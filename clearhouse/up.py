@@ -220,6 +220,9 @@ def up(home: Path) -> int:
         stopping = True
 
     signal.signal(signal.SIGTERM, request_stop)
+    # Ctrl-C stops everything even when `up` was started from a non-interactive shell's
+    # background job, which would otherwise inherit SIGINT as ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         admin_url, pg = start_database(home, state)
         bootstrap, broker = start_broker(home, state)
