@@ -50,10 +50,10 @@ async def apply_increment(uow, event) -> None:
 
 
 @contextlib.asynccontextmanager
-async def consuming(kit, platform, **options):
-    consumer = Consumer(name=f"{kit.service}-mirror", service=kit.service, topics=[kit.topic],
-                        handlers={"counter.incremented.v1": apply_increment}, sessionmaker=kit.sessionmaker,
-                        bootstrap=platform.bootstrap, retry_backoff_s=0.01, **options)
+async def consuming(kit, platform, *, name: str = "mirror", **options):
+    options.setdefault("handlers", {"counter.incremented.v1": apply_increment})
+    consumer = Consumer(name=f"{kit.service}-{name}", service=kit.service, topics=[kit.topic],
+                        sessionmaker=kit.sessionmaker, bootstrap=platform.bootstrap, retry_backoff_s=0.01, **options)
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
     try:
@@ -168,18 +168,8 @@ def batching(**options):
             "handlers": {"counter.incremented.v1": apply_increment, "counter.reset.v1": reset_counter}, **options}
 
 
-@contextlib.asynccontextmanager
-async def consuming_in_batches(kit, platform, **options):
-    consumer = Consumer(name=f"{kit.service}-batched", service=kit.service, topics=[kit.topic],
-                        sessionmaker=kit.sessionmaker, bootstrap=platform.bootstrap, retry_backoff_s=0.01,
-                        **batching(**options))
-    stop = asyncio.Event()
-    task = asyncio.create_task(consumer.run(stop))
-    try:
-        yield consumer
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
+def consuming_in_batches(kit, platform, **options):
+    return consuming(kit, platform, name="batched", **batching(**options))
 
 
 async def test_a_run_of_one_type_goes_to_its_batch_handler_in_arrival_order(kit, platform):
