@@ -119,6 +119,11 @@ class Gateway:
         span.set_attribute("clearhouse.tenant_id", key.tenant_id)
         span.set_attribute("clearhouse.principal", key.principal)
         span.set_attribute("clearhouse.api_key_id", key.key_id)
+        return self.admit(key, scopes)
+
+    def admit(self, key: VerifiedKey, scopes: tuple[str, ...]) -> Caller:
+        """A verified key's request through its rate bucket and scope check (the public API
+        and the console both come this way), or the 429/403 that stops it."""
         # Counted before the scope check: a key hammering routes it may not use is limited too.
         rate = self.limiter.take(key.key_id)
         if not rate.allowed:

@@ -21,7 +21,6 @@ import orjson
 from fastapi import Response
 
 from gateway import composition
-from gateway.errors import InsufficientScope, RateLimited
 from gateway.keystore import VerifiedKey
 from gateway.proxy import Caller, Gateway
 from gateway.routes import resolve
@@ -61,16 +60,7 @@ class ConsoleApi:
         return scope in self.key.scopes
 
     def _caller(self, scope: str | None) -> Caller:
-        # Same order as the public API: the request counts against the key's budget even
-        # when its scope is missing.
-        rate = self.gateway.limiter.take(self.key.key_id)
-        if not rate.allowed:
-            raise RateLimited(f"This API key may send {self.gateway.settings.rate_limit_burst} requests at once; "
-                              f"retry after {rate.retry_after_s}s.", headers=rate.headers())
-        if scope and scope not in self.key.scopes:
-            raise InsufficientScope(f"This needs the scope {scope}, which your API key does not have.",
-                                    missing_scope=scope)
-        return Caller(key=self.key, rate=rate)
+        return self.gateway.admit(self.key, (scope,) if scope else ())
 
     async def get(self, public_path: str, **params: Any) -> Answer:
         query = urlencode({k: v for k, v in params.items() if v is not None})
