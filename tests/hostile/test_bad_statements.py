@@ -26,7 +26,7 @@ FILES = {"csv": (CSV, "text/csv"),
          "mt940": ((SAMPLES / "mt940_sepa.sta").read_bytes(), "text/plain")}
 SPLICES = [b"\x00", b"\xff\xfe", b"\xed\xa0\x80", "\u202e".encode(), "💸".encode(), b"<", b"&", b"]]>",
            b"</Ntry>", b"<Amt Ccy=\"EUR\">-1</Amt>", b"99999999999999999999999.99", b"1e308", b"NaN",
-           b":61:", b":20:", b"-}", b",,,,,,", b'"', b"\r", b"2026-02-30", b"9999-99-99", b"XXX", b"'; DROP--"]
+           b":61:", b":20:", b"-}", b",,,,,,", b'"', b"\r", b"2026-02-30", b"9999-99-99", b"ZZZ", b"'; DROP--"]
 CONTENT_TYPES = ["text/csv", "application/xml", "text/plain", "application/json", "text/csv; charset=latin-1",
                  "application/octet-stream", "multipart/form-data; boundary=x"]
 
